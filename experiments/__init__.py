@@ -1,0 +1,1 @@
+"""Experiment scripts reproducing the paper's tables and figures."""

@@ -1,0 +1,1 @@
+"""Experiment configurations: each get_config() returns an ml_collections ConfigDict."""
