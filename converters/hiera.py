@@ -1,0 +1,311 @@
+"""Hiera checkpoints (transformers `HieraModel` or facebookresearch/hiera `.pth`) -> Flax params.
+
+Key mapping (S = stage, L = layer within the stage, N = global block index = sum(depths[:S]) + L):
+
+| official `.pth` (`model_state`)  | HF `HieraModel`                                   | Flax (`nnx.state(Hiera, nnx.Param)`)      |
+|----------------------------------|---------------------------------------------------|-------------------------------------------|
+| patch_embed.proj.weight (O,I,kh,kw) | embeddings.patch_embeddings.projection.weight  | patch_embed.kernel (kh,kw,I,O)            |
+| patch_embed.proj.bias            | embeddings.patch_embeddings.projection.bias       | patch_embed.bias                          |
+| pos_embed (1,T,C)                | embeddings.position_embeddings                    | position_embeddings                       |
+| blocks.N.norm1.{weight,bias}     | encoder.stages.S.layers.L.layernorm_before.*      | stages.S.<layer>.layernorm_before.{scale,bias} |
+| blocks.N.attn.qkv.*              | encoder.stages.S.layers.L.attn.qkv.*              | stages.S.<layer>.attn.qkv.{kernel,bias}   |
+| blocks.N.attn.proj.*             | encoder.stages.S.layers.L.attn.proj.*             | stages.S.<layer>.attn.proj.*              |
+| blocks.N.norm2.*                 | encoder.stages.S.layers.L.layernorm_after.*       | stages.S.<layer>.layernorm_after.*        |
+| blocks.N.mlp.fc1.* / fc2.*       | encoder.stages.S.layers.L.mlp.fc1.* / fc2.*       | stages.S.<layer>.mlp.fc1.* / fc2.*        |
+| blocks.N.proj.* (width change)   | encoder.stages.S.layers.0.proj.*                  | stages.S.first_layer.proj.*               |
+| norm.{weight,bias}               | pooler.layernorm.{weight,bias}                    | pooler_norm.{scale,bias}                  |
+| head.projection.* (classifier)   | (classifier.*, HieraForImageClassification)       | ignored                                   |
+
+`<layer>` is `first_layer` for L = 0 and `layers` (stacked on a leading axis at index L - 1, the
+layers run as one scan) for L >= 1. Linear weights (O, I) become kernels (I, O); LayerNorm
+`weight` becomes `scale`. HF keys may carry a `hiera.` prefix (HieraForImageClassification /
+HieraForPreTraining checkpoints); `classifier.*` and the MAE decoder are ignored.
+Official MAE pre-training checkpoints (`mae_in1k`: `encoder_norm`, `decoder_*`, `mask_token`,
+`multi_scale_fusion_heads.*`, no `norm`) convert too: the decoder is ignored and the pooler norm is
+the identity, exactly what the official `torch.hub` loader leaves in a `Hiera` model.
+Video checkpoints (3-D patch embedding, `pos_embed_spatial` / `pos_embed_temporal`) are refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.models.hiera import VARIANTS, Hiera, HieraConfig, from_hf_config
+
+FAMILY = "hiera"
+HUB_IDS: dict[str, str] = {name: f"facebook/hiera-{name}-224-hf" for name in VARIANTS}
+
+# Official keys that belong to heads this encoder does not have.
+_IGNORED_OFFICIAL_PREFIXES = ("head.", "decoder_", "multi_scale_fusion_heads.")
+_IGNORED_OFFICIAL_KEYS = ("mask_token", "encoder_norm.weight", "encoder_norm.bias")
+_IGNORED_HF_PREFIXES = ("classifier.", "decoder.", "multiscale_fusion.", "encoder_norm.")
+
+_LAYER_PARTS = {
+    # HF sub-module -> (official sub-module, Flax sub-module path)
+    "layernorm_before": ("norm1", ("layernorm_before",)),
+    "attn.qkv": ("attn.qkv", ("attn", "qkv")),
+    "attn.proj": ("attn.proj", ("attn", "proj")),
+    "layernorm_after": ("norm2", ("layernorm_after",)),
+    "mlp.fc1": ("mlp.fc1", ("mlp", "fc1")),
+    "mlp.fc2": ("mlp.fc2", ("mlp", "fc2")),
+    "proj": ("proj", ("proj",)),
+}
+_NORMS = ("layernorm_before", "layernorm_after")
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> HieraConfig:
+    """HieraConfig from a transformers config.json dict."""
+    return from_hf_config(hf_config)
+
+
+def _official_shape_summary(state_dict: dict[str, Any]) -> tuple[int, tuple[int, ...], int]:
+    """(embed_dim, depths, token count) read off the official weights."""
+    patch = state_dict.get("patch_embed.proj.weight")
+    if patch is None:
+        raise UserInputError("official Hiera checkpoint: no 'patch_embed.proj.weight'; is this a Hiera "
+                             f".pth? (first keys: {sorted(state_dict)[:8]})")
+    if len(np.shape(patch)) != 4 or "pos_embed_temporal" in state_dict:
+        raise UserInputError("official Hiera checkpoint: this is a video Hiera (3-D patch embedding / "
+                             "pos_embed_temporal); only the 2-D image models are supported")
+    if "pos_embed" not in state_dict:
+        raise UserInputError("official Hiera checkpoint: no 'pos_embed' (expected (1, tokens, embed_dim))")
+    blocks = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
+    if blocks != list(range(len(blocks))) or not blocks:
+        raise UserInputError(f"official Hiera checkpoint: block indices {blocks[:5]}... are not 0..N-1")
+    # A stage starts at every block that changes width (it has a `proj`).
+    starts = [0] + [n for n in blocks if f"blocks.{n}.proj.weight" in state_dict and n > 0]
+    depths = tuple(b - a for a, b in zip(starts, starts[1:] + [len(blocks)]))
+    return int(np.shape(patch)[0]), depths, int(np.shape(state_dict["pos_embed"])[1])
+
+
+def config_from_official(state_dict: dict[str, Any], variant: str | None) -> HieraConfig:
+    """HieraConfig of an official checkpoint; heads are not in the weights, so they come from the variant
+    (given, or the one whose embed_dim and depths match)."""
+    embed_dim, depths, tokens = _official_shape_summary(state_dict)
+    side = math.isqrt(tokens)
+    found = f"embed_dim {embed_dim}, depths {depths}"
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise UserInputError(f"unknown Hiera variant {variant!r}; expected one of {sorted(VARIANTS)}")
+        base = VARIANTS[variant]
+        if (base.embed_dim, base.depths) != (embed_dim, depths):
+            raise UserInputError(
+                f"the checkpoint does not match Hiera variant {variant!r}: it has {found}, the variant has "
+                f"embed_dim {base.embed_dim}, depths {base.depths}")
+    else:
+        matches = [name for name, c in VARIANTS.items() if (c.embed_dim, c.depths) == (embed_dim, depths)]
+        if not matches:
+            raise UserInputError(
+                f"the official Hiera checkpoint ({found}) matches no known variant "
+                f"({', '.join(f'{n}: {c.embed_dim}/{c.depths}' for n, c in VARIANTS.items())})")
+        base = VARIANTS[matches[0]]
+    patch_stride = base.patch_stride
+    if side * side != tokens:
+        raise UserInputError(f"official Hiera checkpoint: pos_embed has {tokens} tokens, not a square grid")
+    image = (side * patch_stride[0], side * patch_stride[1])
+    return HieraConfig(**{**base.to_dict(), "image_size": image})
+
+
+def _hf_layer_key(stage: int, layer: int, part: str, leaf: str) -> str:
+    return f"encoder.stages.{stage}.layers.{layer}.{part}.{leaf}"
+
+
+def _expected_hf_shapes(config: HieraConfig) -> dict[str, tuple[int, ...]]:
+    """Every HieraModel parameter name with its PyTorch shape."""
+    c0 = config.embed_dim
+    k = config.patch_size
+    grid = [i // s for i, s in zip(config.image_size, config.patch_stride)]
+    shapes = {
+        "embeddings.patch_embeddings.projection.weight": (c0, config.num_channels, *k),
+        "embeddings.patch_embeddings.projection.bias": (c0,),
+        "embeddings.position_embeddings": (1, math.prod(grid), c0),
+    }
+    dim_in = c0
+    for stage, depth in enumerate(config.depths):
+        dim_out = config.stage_dims[stage]
+        hidden = int(dim_out * config.mlp_ratio)
+        for layer in range(depth):
+            d_in = dim_in if layer == 0 else dim_out
+            linear = {"attn.qkv": (3 * dim_out, d_in), "attn.proj": (dim_out, dim_out),
+                      "mlp.fc1": (hidden, dim_out), "mlp.fc2": (dim_out, hidden)}
+            if d_in != dim_out:
+                linear["proj"] = (dim_out, d_in)
+            for part, (o, i) in linear.items():
+                shapes[_hf_layer_key(stage, layer, part, "weight")] = (o, i)
+                shapes[_hf_layer_key(stage, layer, part, "bias")] = (o,)
+            for part, width in (("layernorm_before", d_in), ("layernorm_after", dim_out)):
+                shapes[_hf_layer_key(stage, layer, part, "weight")] = (width,)
+                shapes[_hf_layer_key(stage, layer, part, "bias")] = (width,)
+        dim_in = dim_out
+    shapes["pooler.layernorm.weight"] = (dim_in,)
+    shapes["pooler.layernorm.bias"] = (dim_in,)
+    return shapes
+
+
+def official_to_hf_names(config: HieraConfig) -> dict[str, str]:
+    """Official `.pth` key -> HF HieraModel key, for every encoder parameter (the table above)."""
+    names = {
+        "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+        "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+        "pos_embed": "embeddings.position_embeddings",
+        "norm.weight": "pooler.layernorm.weight",
+        "norm.bias": "pooler.layernorm.bias",
+    }
+    block = 0
+    for stage, depth in enumerate(config.depths):
+        for layer in range(depth):
+            for hf_part, (official_part, _) in _LAYER_PARTS.items():
+                for leaf in ("weight", "bias"):
+                    names[f"blocks.{block}.{official_part}.{leaf}"] = _hf_layer_key(stage, layer, hf_part, leaf)
+            block += 1
+    return names
+
+
+def _check(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str) -> None:
+    try:
+        from converters.common import check_keys  # imported here: converters.common imports this module
+    except ImportError:  # TODO(A): drop once converters.common (engineer B) has landed
+        problems = sorted(set(expected) ^ set(got)) + sorted(
+            k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
+        if problems:
+            raise UserInputError(f"{source}: missing, unknown or mis-shaped keys: {problems}")
+        return
+    check_keys(expected, got, source)
+
+
+def _hf_state_from_official(state_dict: dict[str, Any], config: HieraConfig, source: str) -> dict[str, Any]:
+    to_hf = official_to_hf_names(config)
+    hf_shapes = _expected_hf_shapes(config)
+    state = {k: v for k, v in state_dict.items()
+             if not (k.startswith(_IGNORED_OFFICIAL_PREFIXES) or k in _IGNORED_OFFICIAL_KEYS)}
+    is_mae = "encoder_norm.weight" in state_dict
+    if is_mae:
+        # MAE pre-training checkpoint: no final norm; the official loader leaves it at identity.
+        width = config.stage_dims[-1]
+        state.setdefault("norm.weight", np.ones((width,), np.float32))
+        state.setdefault("norm.bias", np.zeros((width,), np.float32))
+    expected = {name: hf_shapes[hf] for name, hf in to_hf.items() if hf in hf_shapes}
+    _check(expected, {k: tuple(np.shape(v)) for k, v in state.items()}, source)
+    return {to_hf[k]: v for k, v in state.items()}
+
+
+def convert(state_dict: dict[str, Any], config: HieraConfig, layout: str = "hf", *,
+            source: str = "the Hiera checkpoint") -> dict:
+    """State dict (numpy arrays) -> nested pure dict equal in structure to `nnx.state(Hiera, nnx.Param)`."""
+    if layout == "official":
+        hf_state = _hf_state_from_official(state_dict, config, source)
+    elif layout == "hf":
+        hf_state = {}
+        for key, value in state_dict.items():
+            key = key.removeprefix("hiera.")
+            if not key.startswith(_IGNORED_HF_PREFIXES):
+                hf_state[key] = value
+        _check(_expected_hf_shapes(config), {k: tuple(np.shape(v)) for k, v in hf_state.items()}, source)
+    else:
+        raise UserInputError(f"unknown Hiera checkpoint layout {layout!r}; expected 'hf' or 'official'")
+
+    def get(name: str) -> np.ndarray:
+        return np.asarray(hf_state[name], dtype=np.float32)
+
+    def linear(prefix: str) -> dict[str, np.ndarray]:
+        return {"kernel": get(prefix + ".weight").T, "bias": get(prefix + ".bias")}
+
+    def norm(prefix: str) -> dict[str, np.ndarray]:
+        return {"scale": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
+
+    def layer_params(stage: int, layer: int) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for hf_part, (_, flax_path) in _LAYER_PARTS.items():
+            prefix = f"encoder.stages.{stage}.layers.{layer}.{hf_part}"
+            if prefix + ".weight" not in hf_state:
+                continue  # `proj` exists only where the width changes
+            leaf = norm(prefix) if hf_part in _NORMS else linear(prefix)
+            node = params
+            for part in flax_path[:-1]:
+                node = node.setdefault(part, {})
+            node[flax_path[-1]] = leaf
+        return params
+
+    weight = get("embeddings.patch_embeddings.projection.weight")
+    params: dict[str, Any] = {
+        "patch_embed": {"kernel": weight.transpose(2, 3, 1, 0),
+                        "bias": get("embeddings.patch_embeddings.projection.bias")},
+        "position_embeddings": get("embeddings.position_embeddings"),
+        "pooler_norm": norm("pooler.layernorm"),
+        "stages": {},
+    }
+    for stage, depth in enumerate(config.depths):
+        stage_params: dict[str, Any] = {"first_layer": layer_params(stage, 0)}
+        if depth > 1:
+            repeated = [layer_params(stage, layer) for layer in range(1, depth)]
+            stage_params["layers"] = _stack_trees(repeated)
+        params["stages"][stage] = stage_params
+    return params
+
+
+def _stack_trees(trees: list[dict]) -> dict:
+    """Stack equally-shaped nested dicts of arrays along a new leading axis (the scanned layers)."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _stack_trees([t[k] for t in trees]) for k in first}
+    return np.stack(trees)
+
+
+def build_flax(config: HieraConfig, params: dict | None = None, *, dtype=None, param_dtype=None, seed: int = 0):
+    """A Hiera module, with `params` (from `convert`) put in place when given."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    module = Hiera(config, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32,
+                   rngs=nnx.Rngs(seed))
+    if params is not None:
+        state = nnx.state(module, nnx.Param)
+        target_dtype = param_dtype or jnp.float32
+        cast = _map_tree(params, lambda a: jnp.asarray(a, dtype=target_dtype))
+        nnx.replace_by_pure_dict(state, cast)
+        nnx.update(module, state)
+    return module
+
+
+def _map_tree(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _map_tree(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def build_torch(config: HieraConfig):
+    """transformers.HieraModel (eval mode, random init) of this config."""
+    import transformers
+
+    hf_config = transformers.HieraConfig(**config.to_dict())
+    return transformers.HieraModel(hf_config).eval()
+
+
+def torch_outputs(torch_model, images_nhwc_normalized: np.ndarray) -> list[np.ndarray]:
+    """[stage maps NHWC (HF reshaped_hidden_states[1:], already channels-last), pooled]."""
+    import torch
+
+    pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(images_nhwc_normalized, np.float32)
+                                                   .transpose(0, 3, 1, 2)))
+    height, width = pixels.shape[-2:]
+    interpolate = (height, width) != tuple(torch_model.config.image_size)
+    with torch.no_grad():
+        out = torch_model(pixels, output_hidden_states=True, interpolate_pos_encoding=interpolate)
+    return [t.numpy() for t in out.reshaped_hidden_states[1:]] + [out.pooler_output.numpy()]
+
+
+def flax_outputs(module: Hiera, images: np.ndarray) -> list[np.ndarray]:
+    """[stage maps NHWC, pooled], in the order of `torch_outputs`, from one jitted forward."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def forward(model, pixels):
+        return model(pixels, return_pooled=True)
+
+    maps, pooled = forward(module, jnp.asarray(images))
+    return [np.asarray(m, np.float32) for m in maps] + [np.asarray(pooled, np.float32)]
