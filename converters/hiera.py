@@ -256,18 +256,22 @@ def _stack_trees(trees: list[dict]) -> dict:
 
 
 def build_flax(config: HieraConfig, params: dict | None = None, *, dtype=None, param_dtype=None, seed: int = 0):
-    """A Hiera module, with `params` (from `convert`) put in place when given."""
+    """A Hiera module: random init from `seed`, or (without running the initializers) `params` from
+    `convert` put in place."""
     import jax.numpy as jnp
     from flax import nnx
 
-    module = Hiera(config, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32,
-                   rngs=nnx.Rngs(seed))
-    if params is not None:
-        state = nnx.state(module, nnx.Param)
-        target_dtype = param_dtype or jnp.float32
-        cast = _map_tree(params, lambda a: jnp.asarray(a, dtype=target_dtype))
-        nnx.replace_by_pure_dict(state, cast)
-        nnx.update(module, state)
+    dtype, param_dtype = dtype or jnp.float32, param_dtype or jnp.float32
+
+    def make() -> Hiera:
+        return Hiera(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+    if params is None:
+        return make()
+    module = nnx.eval_shape(make)
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, _map_tree(params, lambda a: jnp.asarray(a, dtype=param_dtype)))
+    nnx.update(module, state)
     return module
 
 
