@@ -21,8 +21,9 @@ layers run as one scan) for L >= 1. Linear weights (O, I) become kernels (I, O);
 `weight` becomes `scale`. HF keys may carry a `hiera.` prefix (HieraForImageClassification /
 HieraForPreTraining checkpoints); `classifier.*` and the MAE decoder are ignored.
 Official MAE pre-training checkpoints (`mae_in1k`: `encoder_norm`, `decoder_*`, `mask_token`,
-`multi_scale_fusion_heads.*`, no `norm`) convert too: the decoder is ignored and the pooler norm is
-the identity, exactly what the official `torch.hub` loader leaves in a `Hiera` model.
+`multi_scale_fusion_heads.*`, no `norm`) convert too: the decoder is ignored and the pooler norm
+keeps the official init (weight 1, bias 0.02), exactly what the official `torch.hub` loader leaves
+in a `Hiera` model.
 Video checkpoints (3-D patch embedding, `pos_embed_spatial` / `pos_embed_temporal`) are refused.
 """
 
@@ -184,10 +185,12 @@ def _hf_state_from_official(state_dict: dict[str, Any], config: HieraConfig, sou
              if not (k.startswith(_IGNORED_OFFICIAL_PREFIXES) or k in _IGNORED_OFFICIAL_KEYS)}
     is_mae = "encoder_norm.weight" in state_dict
     if is_mae:
-        # MAE pre-training checkpoint: no final norm; the official loader leaves it at identity.
+        # MAE pre-training checkpoint: no final norm. The official loader (strict=False) leaves the
+        # model's init in place, weight 1 and bias 0.02 (Hiera._init_weights), which is also what
+        # transformers' convert_hiera_to_hf.py copied into the base HieraModel checkpoints.
         width = config.stage_dims[-1]
         state.setdefault("norm.weight", np.ones((width,), np.float32))
-        state.setdefault("norm.bias", np.zeros((width,), np.float32))
+        state.setdefault("norm.bias", np.full((width,), 0.02, np.float32))
     expected = {name: hf_shapes[hf] for name, hf in to_hf.items() if hf in hf_shapes}
     _check(expected, {k: tuple(np.shape(v)) for k, v in state.items()}, source)
     return {to_hf[k]: v for k, v in state.items()}

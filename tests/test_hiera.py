@@ -158,7 +158,7 @@ def test_official_pth_layout(tmp_path):
     assert max(errors) <= TOLERANCE
 
 
-def test_official_mae_checkpoint_gets_identity_pooler_norm():
+def test_official_mae_checkpoint_keeps_initial_pooler_norm():
     config = TINY_CONFIGS["default-pattern"]
     torch_model = randomized_torch_model(config, seed=4)
     official = official_state_from_hf(hf_state_numpy(torch_model), config)
@@ -170,7 +170,7 @@ def test_official_mae_checkpoint_gets_identity_pooler_norm():
                      "multi_scale_fusion_heads.0.weight": np.zeros((width, 8, 4, 4))})
     params = hiera_converter.convert(official, config, "official")
     np.testing.assert_array_equal(params["pooler_norm"]["scale"], np.ones(width))
-    np.testing.assert_array_equal(params["pooler_norm"]["bias"], np.zeros(width))
+    np.testing.assert_array_equal(params["pooler_norm"]["bias"], np.full(width, 0.02, np.float32))
     np.testing.assert_array_equal(params["position_embeddings"], official["pos_embed"])
 
 
