@@ -298,10 +298,12 @@ def torch_outputs(torch_model, images_nhwc_normalized: np.ndarray) -> list[np.nd
 
     pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(images_nhwc_normalized, np.float32)
                                                    .transpose(0, 3, 1, 2)))
-    height, width = pixels.shape[-2:]
-    interpolate = (height, width) != tuple(torch_model.config.image_size)
+    if tuple(pixels.shape[-2:]) != tuple(torch_model.config.image_size):
+        # HF's reroll is fixed to config.image_size: its stage maps exist only at that size.
+        raise UserInputError(f"transformers' Hiera gives stage maps only at its image size "
+                             f"{tuple(torch_model.config.image_size)}, got images of {tuple(pixels.shape[-2:])}")
     with torch.no_grad():
-        out = torch_model(pixels, output_hidden_states=True, interpolate_pos_encoding=interpolate)
+        out = torch_model(pixels, output_hidden_states=True)
     return [t.numpy() for t in out.reshaped_hidden_states[1:]] + [out.pooler_output.numpy()]
 
 

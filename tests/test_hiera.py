@@ -133,6 +133,26 @@ def test_parity_interpolated_position_embeddings():
     assert max(errors) <= TOLERANCE
 
 
+@pytest.mark.parametrize("grid_in, grid_out", [((8, 8), (12, 12)), ((14, 14), (9, 11)), ((6, 10), (6, 10))])
+def test_position_embedding_resize_matches_torch_bicubic(grid_in, grid_out):
+    from nexvitad_jax.models.hiera import resize_position_embeddings
+
+    pos = np.random.default_rng(0).normal(size=(1, grid_in[0] * grid_in[1], 5)).astype(np.float32)
+    grid = torch.from_numpy(pos).reshape(1, *grid_in, 5).permute(0, 3, 1, 2)
+    reference = torch.nn.functional.interpolate(grid, size=grid_out, mode="bicubic", align_corners=False)
+    reference = reference.permute(0, 2, 3, 1).reshape(1, -1, 5).numpy()
+    ours = np.asarray(resize_position_embeddings(jnp.asarray(pos), grid_in, grid_out))
+    assert ours.shape == reference.shape
+    # float32 rounding only (torch sums the 16 taps in float32 in its own order).
+    assert np.abs(ours - reference).max() <= 1e-6 * np.abs(reference).max()
+
+
+def test_torch_outputs_refuses_other_sizes():
+    config = TINY_CONFIGS["default-pattern"]
+    with pytest.raises(UserInputError, match="only at its image size"):
+        hiera_converter.torch_outputs(hiera_converter.build_torch(config), images(config, size=(96, 96)))
+
+
 def test_unroll_order_matches_transformers():
     from transformers.models.hiera.modeling_hiera import unroll
 
