@@ -161,43 +161,49 @@ VARIANTS: dict[str, Dinov2Config] = {
 # Position-embedding resize with PyTorch's bicubic numerics (align_corners=False), as 1-D matrices.
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    """Keys' cubic convolution kernel W(x) (PyTorch: a = -0.75 plain, a = -0.5 antialiased)."""
+    """Keys' cubic convolution kernel W(x) (PyTorch: a = -0.75 plain, a = -0.5 antialiased), in the
+    dtype of x (float32, as PyTorch computes the weights for float32 tensors)."""
     x = np.abs(x)
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+    a = x.dtype.type(a)
+    one, two, three, four, five, eight = (x.dtype.type(v) for v in (1, 2, 3, 4, 5, 8))
+    near = ((a + two) * x - (a + three)) * x * x + one
+    far = ((a * x - five * a) * x + eight * a) * x - four * a
+    return np.where(x < one, near, np.where(x < two, far, x.dtype.type(0)))
 
 
 @functools.lru_cache(maxsize=64)
 def torch_bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.ndarray:
     """(size_out, size_in) matrix M with M @ v == F.interpolate(v, size_out, mode='bicubic',
-    align_corners=False, antialias=antialias) along one axis."""
-    scale = size_in / size_out
-    rows = np.arange(size_out)
-    matrix = np.zeros((size_out, size_in))
+    align_corners=False, antialias=antialias) along one axis (float32 tensors)."""
+    f32 = np.float32
+    scale = f32(size_in) / f32(size_out)
+    rows = np.arange(size_out, dtype=f32)
+    matrix = np.zeros((size_out, size_in), np.float32)
     if not antialias:
-        # upsample_bicubic2d: source index (i + 0.5) * scale - 0.5, not clamped for cubic; the four
-        # taps read clamped indices (upsample_get_value_bounded).
-        src = (rows + 0.5) * scale - 0.5
+        # upsample_bicubic2d: source index (i + 0.5) * scale - 0.5, not clamped for cubic; taps
+        # t+1, t, 1-t, 2-t read clamped indices (upsample_get_value_bounded).
+        src = scale * (rows + f32(0.5)) - f32(0.5)
         base = np.floor(src)
         t = src - base
-        for tap in range(-1, 3):
-            columns = np.clip(base.astype(np.int64) + tap, 0, size_in - 1)
-            np.add.at(matrix, (rows, columns), _cubic(t - tap, -0.75))
-        return matrix.astype(np.float32)
+        one = f32(1)
+        taps = (_cubic(t + one, -0.75), _cubic(t, -0.75), _cubic(one - t, -0.75), _cubic(one - t + one, -0.75))
+        for offset, weight in zip(range(-1, 3), taps):
+            columns = np.clip(base.astype(np.int64) + offset, 0, size_in - 1)
+            np.add.at(matrix, (np.arange(size_out), columns), weight)
+        return matrix
     # _upsample_bicubic2d_aa (PIL-style): a = -0.5, support widened by the scale when shrinking,
     # taps cut at the borders and the weights renormalized.
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    center = scale * (rows + 0.5)
-    first = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
-    last = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), size_in)
+    support = f32(2) * scale if scale >= 1 else f32(2)
+    inv_scale = f32(1) / scale if scale >= 1 else f32(1)
+    center = scale * (rows + f32(0.5))
+    first = np.maximum(np.trunc(center - support + f32(0.5)).astype(np.int64), 0)
+    last = np.minimum(np.trunc(center + support + f32(0.5)).astype(np.int64), size_in)
     columns = np.arange(size_in)
     inside = (columns[None, :] >= first[:, None]) & (columns[None, :] < last[:, None])
-    weights = np.where(inside, _cubic((columns[None, :] - center[:, None] + 0.5) * inv_scale, -0.5), 0.0)
-    total = weights.sum(axis=1, keepdims=True)
-    matrix = np.where(total != 0, weights / np.where(total != 0, total, 1.0), 0.0)
-    return matrix.astype(np.float32)
+    offsets = (columns[None, :].astype(f32) - center[:, None] + f32(0.5)) * inv_scale
+    weights = np.where(inside, _cubic(offsets.astype(f32), -0.5), f32(0))
+    total = weights.sum(axis=1, keepdims=True, dtype=f32)
+    return np.where(total != 0, weights / np.where(total != 0, total, f32(1)), f32(0)).astype(f32)
 
 
 def resize_position_embeddings(grid_embeddings: jax.Array, size_out: tuple[int, int], *,
