@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,6 +112,27 @@ def test_stage_map_shapes_at_224():
     maps, pooled = nnx.eval_shape(lambda m, x: m(x, return_pooled=True), model, jnp.zeros((1, 224, 224, 3)))
     assert [m.shape for m in maps] == [(1, 56, 56, 8), (1, 28, 28, 16), (1, 14, 14, 32), (1, 7, 7, 64)]
     assert pooled.shape == (1, 64) and model.stage_dims == (8, 16, 32, 64)
+
+
+def test_usable_under_jax_and_nnx_transforms():
+    """The backbone is called by raw jax transforms over closures and trained through by nnx.grad."""
+    from flax import nnx
+
+    from nexvitad_jax.models.hiera import Hiera
+
+    config = TINY_CONFIGS["default-pattern"]
+    model = Hiera(config, rngs=nnx.Rngs(0))
+    x = jnp.asarray(images(config, batch=1))
+
+    def loss(module, pixels):
+        return sum(jnp.mean(stage_map ** 2) for stage_map in module(pixels))
+
+    grads = nnx.jit(nnx.grad(loss))(model, x)
+    scanned = grads.stages[1].layers.mlp.fc1.kernel[...]  # a layer inside the scan
+    assert scanned.shape[0] == config.depths[1] - 1 and float(jnp.abs(scanned).max()) > 0
+    assert jax.jit(jax.grad(lambda pixels: loss(model, pixels)))(x).shape == x.shape
+    closed_over = jax.jit(lambda pixels: model(pixels)[-1])(x)
+    np.testing.assert_allclose(closed_over, nnx.jit(lambda m, pixels: m(pixels)[-1])(model, x), rtol=1e-5, atol=1e-6)
 
 
 def test_parity_interpolated_position_embeddings():

@@ -321,11 +321,14 @@ class HieraStage(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.first_layer(x)
         if self.layers is not None:
-            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-            def apply_layer(carry: jax.Array, layer: HieraLayer) -> jax.Array:
-                return layer(carry)
+            # A plain lax.scan over the stacked layer state (rather than nnx.scan) keeps the module
+            # usable when it is closed over by raw jax transforms (jax.jit / jax.grad of a closure).
+            graphdef, stacked = nnx.split(self.layers)
 
-            x = apply_layer(x, self.layers)
+            def apply_layer(carry: jax.Array, layer_state) -> tuple[jax.Array, None]:
+                return nnx.merge(graphdef, layer_state)(carry), None
+
+            x, _ = jax.lax.scan(apply_layer, x, stacked)
         return x
 
 
@@ -370,7 +373,7 @@ class Hiera(nnx.Module):
         x = self.patch_embed(pixel_values.astype(self.dtype))
         batch = x.shape[0]
         x = x.reshape(batch, -1, config.embed_dim)
-        pos = self.position_embeddings.value
+        pos = self.position_embeddings[...]
         if grid != self.token_grid:
             pos = resize_position_embeddings(pos, self.token_grid, grid)
         x = x + pos.astype(x.dtype)
