@@ -167,14 +167,8 @@ def official_to_hf_names(config: HieraConfig) -> dict[str, str]:
 
 
 def _check(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str) -> None:
-    try:
-        from converters.common import check_keys  # imported here: converters.common imports this module
-    except ImportError:  # TODO(A): drop once converters.common (engineer B) has landed
-        problems = sorted(set(expected) ^ set(got)) + sorted(
-            k for k in set(expected) & set(got) if tuple(expected[k]) != tuple(got[k]))
-        if problems:
-            raise UserInputError(f"{source}: missing, unknown or mis-shaped keys: {problems}")
-        return
+    from converters.common import check_keys  # imported here: converters.common imports this module
+
     check_keys(expected, got, source)
 
 
@@ -196,20 +190,27 @@ def _hf_state_from_official(state_dict: dict[str, Any], config: HieraConfig, sou
     return {to_hf[k]: v for k, v in state.items()}
 
 
+def hf_state_dict(state_dict: dict[str, Any], config: HieraConfig, layout: str = "hf", *,
+                  source: str = "the Hiera checkpoint") -> dict[str, Any]:
+    """The checkpoint's encoder weights under transformers `HieraModel` names, keys checked (every
+    missing, unknown or mis-shaped key listed); heads and decoders dropped."""
+    if layout == "official":
+        return _hf_state_from_official(state_dict, config, source)
+    if layout != "hf":
+        raise UserInputError(f"unknown Hiera checkpoint layout {layout!r}; expected 'hf' or 'official'")
+    hf_state = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("hiera.")
+        if not key.startswith(_IGNORED_HF_PREFIXES):
+            hf_state[key] = value
+    _check(_expected_hf_shapes(config), {k: tuple(np.shape(v)) for k, v in hf_state.items()}, source)
+    return hf_state
+
+
 def convert(state_dict: dict[str, Any], config: HieraConfig, layout: str = "hf", *,
             source: str = "the Hiera checkpoint") -> dict:
     """State dict (numpy arrays) -> nested pure dict equal in structure to `nnx.state(Hiera, nnx.Param)`."""
-    if layout == "official":
-        hf_state = _hf_state_from_official(state_dict, config, source)
-    elif layout == "hf":
-        hf_state = {}
-        for key, value in state_dict.items():
-            key = key.removeprefix("hiera.")
-            if not key.startswith(_IGNORED_HF_PREFIXES):
-                hf_state[key] = value
-        _check(_expected_hf_shapes(config), {k: tuple(np.shape(v)) for k, v in hf_state.items()}, source)
-    else:
-        raise UserInputError(f"unknown Hiera checkpoint layout {layout!r}; expected 'hf' or 'official'")
+    hf_state = hf_state_dict(state_dict, config, layout, source=source)
 
     def get(name: str) -> np.ndarray:
         return np.asarray(hf_state[name], dtype=np.float32)
@@ -256,32 +257,6 @@ def _stack_trees(trees: list[dict]) -> dict:
     if isinstance(first, dict):
         return {k: _stack_trees([t[k] for t in trees]) for k in first}
     return np.stack(trees)
-
-
-def build_flax(config: HieraConfig, params: dict | None = None, *, dtype=None, param_dtype=None, seed: int = 0):
-    """A Hiera module: random init from `seed`, or (without running the initializers) `params` from
-    `convert` put in place."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    dtype, param_dtype = dtype or jnp.float32, param_dtype or jnp.float32
-
-    def make() -> Hiera:
-        return Hiera(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
-
-    if params is None:
-        return make()
-    module = nnx.eval_shape(make)
-    state = nnx.state(module, nnx.Param)
-    nnx.replace_by_pure_dict(state, _map_tree(params, lambda a: jnp.asarray(a, dtype=param_dtype)))
-    nnx.update(module, state)
-    return module
-
-
-def _map_tree(tree, fn):
-    if isinstance(tree, dict):
-        return {k: _map_tree(v, fn) for k, v in tree.items()}
-    return fn(tree)
 
 
 def build_torch(config: HieraConfig):

@@ -12,6 +12,7 @@ import torch
 
 from converters import hiera as hiera_converter
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.models import instantiate_backbone
 from nexvitad_jax.models.hiera import VARIANTS, HieraConfig, from_hf_config, unroll_order
 
 TOLERANCE = 1e-5  # max|flax - torch| / max|torch|, per output
@@ -88,7 +89,7 @@ def tiny_pair(request):
     config = TINY_CONFIGS[request.param]
     torch_model = randomized_torch_model(config)
     params = hiera_converter.convert(hf_state_numpy(torch_model), config, "hf")
-    return config, torch_model, hiera_converter.build_flax(config, params)
+    return config, torch_model, instantiate_backbone("hiera", config, params)
 
 
 def test_parity_with_transformers(tiny_pair):
@@ -142,7 +143,7 @@ def test_parity_interpolated_position_embeddings():
     unroll is consumed) and the pooled output can be compared at another size."""
     config = TINY_CONFIGS["default-pattern"]
     torch_model = randomized_torch_model(config, seed=1)
-    flax_model = hiera_converter.build_flax(config, hiera_converter.convert(hf_state_numpy(torch_model), config))
+    flax_model = instantiate_backbone("hiera", config, hiera_converter.convert(hf_state_numpy(torch_model), config))
     x = images(config, batch=1, size=(96, 128))
     with torch.no_grad():
         out = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), interpolate_pos_encoding=True)
@@ -193,7 +194,7 @@ def test_official_pth_layout(tmp_path):
     torch.save({"model_state": {k: torch.from_numpy(v) for k, v in official.items()}}, path)
     loaded = torch.load(path, weights_only=True)["model_state"]
     params = hiera_converter.convert({k: v.numpy() for k, v in loaded.items()}, config, "official")
-    flax_model = hiera_converter.build_flax(config, params)
+    flax_model = instantiate_backbone("hiera", config, params)
     x = images(config, seed=3)
     errors = relative_errors(hiera_converter.torch_outputs(torch_model, x), hiera_converter.flax_outputs(flax_model, x))
     print("official-layout fp32 relative errors:", errors)
@@ -220,9 +221,9 @@ def test_bf16_error_against_fp32():
     config = TINY_CONFIGS["default-pattern"]
     params = hiera_converter.convert(hf_state_numpy(randomized_torch_model(config, seed=5)), config)
     x = images(config)
-    fp32 = hiera_converter.flax_outputs(hiera_converter.build_flax(config, params), x)
+    fp32 = hiera_converter.flax_outputs(instantiate_backbone("hiera", config, params), x)
     for param_dtype in (jnp.float32, jnp.bfloat16):
-        bf16_model = hiera_converter.build_flax(config, params, dtype=jnp.bfloat16, param_dtype=param_dtype)
+        bf16_model = instantiate_backbone("hiera", config, params, dtype=jnp.bfloat16, param_dtype=param_dtype)
         outputs = hiera_converter.flax_outputs(bf16_model, x)
         errors = relative_errors(fp32, outputs)
         print(f"bf16 compute, {jnp.dtype(param_dtype).name} params: relative errors vs fp32", errors)
@@ -326,7 +327,7 @@ def test_parity_full_size_variants(variant):
     config = VARIANTS[variant]
     torch_model = randomized_torch_model(config)
     params = hiera_converter.convert(hf_state_numpy(torch_model), config, "hf")
-    flax_model = hiera_converter.build_flax(config, params)
+    flax_model = instantiate_backbone("hiera", config, params)
     del params
     x = images(config, batch=1)
     errors = relative_errors(hiera_converter.torch_outputs(torch_model, x), hiera_converter.flax_outputs(flax_model, x))
