@@ -1,21 +1,31 @@
 """Hiera checkpoints (transformers `HieraModel` or facebookresearch/hiera `.pth`) -> Flax params.
 
-Key mapping (S = stage, L = layer within the stage, N = global block index = sum(depths[:S]) + L):
+Key mapping (S = stage, L = layer within the stage, N = global block index = sum(depths[:S]) + L).
+Official `.pth` (`model_state`) -> HF `HieraModel`:
 
-| official `.pth` (`model_state`)  | HF `HieraModel`                                   | Flax (`nnx.state(Hiera, nnx.Param)`)      |
-|----------------------------------|---------------------------------------------------|-------------------------------------------|
-| patch_embed.proj.weight (O,I,kh,kw) | embeddings.patch_embeddings.projection.weight  | patch_embed.kernel (kh,kw,I,O)            |
-| patch_embed.proj.bias            | embeddings.patch_embeddings.projection.bias       | patch_embed.bias                          |
-| pos_embed (1,T,C)                | embeddings.position_embeddings                    | position_embeddings                       |
-| blocks.N.norm1.{weight,bias}     | encoder.stages.S.layers.L.layernorm_before.*      | stages.S.<layer>.layernorm_before.{scale,bias} |
-| blocks.N.attn.qkv.*              | encoder.stages.S.layers.L.attn.qkv.*              | stages.S.<layer>.attn.qkv.{kernel,bias}   |
-| blocks.N.attn.proj.*             | encoder.stages.S.layers.L.attn.proj.*             | stages.S.<layer>.attn.proj.*              |
-| blocks.N.norm2.*                 | encoder.stages.S.layers.L.layernorm_after.*       | stages.S.<layer>.layernorm_after.*        |
-| blocks.N.mlp.fc1.* / fc2.*       | encoder.stages.S.layers.L.mlp.fc1.* / fc2.*       | stages.S.<layer>.mlp.fc1.* / fc2.*        |
-| blocks.N.proj.* (width change)   | encoder.stages.S.layers.0.proj.*                  | stages.S.first_layer.proj.*               |
-| norm.{weight,bias}               | pooler.layernorm.{weight,bias}                    | pooler_norm.{scale,bias}                  |
-| head.projection.* (classifier)   | (classifier.*, HieraForImageClassification)       | ignored                                   |
+    patch_embed.proj.{weight,bias}   -> embeddings.patch_embeddings.projection.{weight,bias}
+    pos_embed (1, tokens, C)         -> embeddings.position_embeddings
+    blocks.N.norm1.*                 -> encoder.stages.S.layers.L.layernorm_before.*
+    blocks.N.attn.qkv.*              -> encoder.stages.S.layers.L.attn.qkv.*
+    blocks.N.attn.proj.*             -> encoder.stages.S.layers.L.attn.proj.*
+    blocks.N.norm2.*                 -> encoder.stages.S.layers.L.layernorm_after.*
+    blocks.N.mlp.fc1.*, mlp.fc2.*    -> encoder.stages.S.layers.L.mlp.fc1.*, mlp.fc2.*
+    blocks.N.proj.* (width change)   -> encoder.stages.S.layers.0.proj.*
+    norm.{weight,bias}               -> pooler.layernorm.{weight,bias}
+    head.projection.* (classifier)   -> ignored
 
+HF `HieraModel` -> Flax (`nnx.state(Hiera, nnx.Param)`):
+
+    embeddings.patch_embeddings.projection.weight (O, I, kh, kw) -> patch_embed.kernel (kh, kw, I, O)
+    embeddings.patch_embeddings.projection.bias                  -> patch_embed.bias
+    embeddings.position_embeddings                               -> position_embeddings
+    encoder.stages.S.layers.L.<linear>.weight (O, I)             -> stages.S.<layer>.<linear>.kernel (I, O)
+    encoder.stages.S.layers.L.<linear>.bias                      -> stages.S.<layer>.<linear>.bias
+    encoder.stages.S.layers.L.<norm>.{weight,bias}               -> stages.S.<layer>.<norm>.{scale,bias}
+    pooler.layernorm.{weight,bias}                               -> pooler_norm.{scale,bias}
+
+with <linear> in attn.qkv, attn.proj, mlp.fc1, mlp.fc2, proj and <norm> in layernorm_before,
+layernorm_after (the same sub-module names as HF).
 `<layer>` is `first_layer` for L = 0 and `layers` (stacked on a leading axis at index L - 1, the
 layers run as one scan) for L >= 1. Linear weights (O, I) become kernels (I, O); LayerNorm
 `weight` becomes `scale`. HF keys may carry a `hiera.` prefix (HieraForImageClassification /
