@@ -1,1 +1,35 @@
-"""metrics."""
+"""Exact, fast anomaly-detection metrics (DESIGN.md "Evaluation").
+
+`evaluate(maps, masks, names)` runs evaluators by name (see `EVALUATORS`) and shares one sort of
+all pixels between them; the single-metric functions are thin wrappers over the same code.
+"""
+
+from nexvitad_jax.metrics.evaluators import (
+    DEFAULT_FPR_LIMIT,
+    EVALUATORS,
+    Evaluation,
+    aupro,
+    evaluate,
+    f1max,
+    image_ap,
+    image_auroc,
+    pixel_ap,
+    pixel_auroc,
+    pixel_f1max,
+    pro_iou,
+)
+
+__all__ = [
+    "DEFAULT_FPR_LIMIT",
+    "EVALUATORS",
+    "Evaluation",
+    "aupro",
+    "evaluate",
+    "f1max",
+    "image_ap",
+    "image_auroc",
+    "pixel_ap",
+    "pixel_auroc",
+    "pixel_f1max",
+    "pro_iou",
+]
