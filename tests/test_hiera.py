@@ -327,9 +327,15 @@ def test_parity_full_size_variants(variant):
     config = VARIANTS[variant]
     torch_model = randomized_torch_model(config)
     params = hiera_converter.convert(hf_state_numpy(torch_model), config, "hf")
-    flax_model = instantiate_backbone("hiera", config, params)
-    del params
     x = images(config, batch=1)
-    errors = relative_errors(hiera_converter.torch_outputs(torch_model, x), hiera_converter.flax_outputs(flax_model, x))
+    reference = hiera_converter.torch_outputs(torch_model, x)
+    del torch_model
+    flax_model = instantiate_backbone("hiera", config, params)
+    errors = relative_errors(reference, hiera_converter.flax_outputs(flax_model, x))
     print(f"hiera-{variant}: fp32 relative errors (4 stages, pooled):", errors)
+    del flax_model
+    bf16_model = instantiate_backbone("hiera", config, params, dtype=jnp.bfloat16)
+    bf16_errors = relative_errors(reference, hiera_converter.flax_outputs(bf16_model, x))
+    print(f"hiera-{variant}: bf16 compute (fp32 params) relative errors vs torch fp32:", bf16_errors)
     assert max(errors) <= TOLERANCE
+    assert max(bf16_errors) < 0.1
