@@ -34,7 +34,10 @@ Official MAE pre-training checkpoints (`mae_in1k`: `encoder_norm`, `decoder_*`, 
 `multi_scale_fusion_heads.*`, no `norm`) convert too: the decoder is ignored and the pooler norm
 keeps the official init (weight 1, bias 0.02), exactly what the official `torch.hub` loader leaves
 in a `Hiera` model.
-Video checkpoints (3-D patch embedding, `pos_embed_spatial` / `pos_embed_temporal`) are refused.
+The official hub format (a directory with the `Hiera(**config)` arguments as config.json, e.g.
+`stages`, `q_pool`, `head_mul`, and the official keys in model.safetensors) converts too.
+Video checkpoints (3-D patch embedding, `pos_embed_spatial` / `pos_embed_temporal`, `sep_pos_embed`,
+HF `use_separate_position_embedding`) are refused.
 """
 
 from __future__ import annotations
@@ -69,8 +72,40 @@ _NORMS = ("layernorm_before", "layernorm_after")
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> HieraConfig:
-    """HieraConfig from a transformers config.json dict."""
+    """HieraConfig from a config.json: transformers' HieraConfig, or the official hub format
+    (facebookresearch/hiera's `Hiera(**config)` arguments: `stages`, `q_pool`, `head_mul`, ...)."""
+    if "stages" in hf_config and "depths" not in hf_config:
+        return _config_from_official_hub(hf_config)
     return from_hf_config(hf_config)
+
+
+def _config_from_official_hub(hub_config: dict[str, Any]) -> HieraConfig:
+    """The official `Hiera.__init__` arguments -> HieraConfig (the defaults are Hiera's)."""
+    if hub_config.get("sep_pos_embed"):
+        raise UserInputError("this official Hiera config has sep_pos_embed (a video model); only the image "
+                             "models are supported")
+    if hub_config.get("norm_layer", "LayerNorm") != "LayerNorm":
+        raise UserInputError(f"official Hiera config: norm_layer {hub_config['norm_layer']!r}; expected LayerNorm")
+    depths = tuple(hub_config["stages"])
+    # Hiera multiplies the width and the heads at every stage start, truncating each time.
+    dims, heads = [hub_config.get("embed_dim", 96)], [hub_config.get("num_heads", 1)]
+    for _ in depths[1:]:
+        dims.append(int(dims[-1] * hub_config.get("dim_mul", 2.0)))
+        heads.append(int(heads[-1] * hub_config.get("head_mul", 2.0)))
+    config = HieraConfig(
+        embed_dim=dims[0], image_size=tuple(hub_config.get("input_size", (224, 224))),
+        patch_size=tuple(hub_config.get("patch_kernel", (7, 7))),
+        patch_stride=tuple(hub_config.get("patch_stride", (4, 4))),
+        patch_padding=tuple(hub_config.get("patch_padding", (3, 3))),
+        mlp_ratio=hub_config.get("mlp_ratio", 4.0), depths=depths, num_heads=tuple(heads),
+        embed_dim_multiplier=hub_config.get("dim_mul", 2.0), num_query_pool=hub_config.get("q_pool", 3),
+        query_stride=tuple(hub_config.get("q_stride", (2, 2))),
+        masked_unit_size=tuple(hub_config.get("mask_unit_size", (8, 8))),
+        masked_unit_attention=tuple(hub_config.get("mask_unit_attn", (True, True, False, False))),
+        num_channels=hub_config.get("in_chans", 3))
+    if config.stage_dims != tuple(dims):
+        raise UserInputError(f"official Hiera config: stage widths {dims} are not embed_dim * dim_mul ** stage")
+    return config
 
 
 def _official_shape_summary(state_dict: dict[str, Any]) -> tuple[int, tuple[int, ...], int]:
@@ -204,7 +239,8 @@ def hf_state_dict(state_dict: dict[str, Any], config: HieraConfig, layout: str =
                   source: str = "the Hiera checkpoint") -> dict[str, Any]:
     """The checkpoint's encoder weights under transformers `HieraModel` names, keys checked (every
     missing, unknown or mis-shaped key listed); heads and decoders dropped."""
-    if layout == "official":
+    # The official hub format (config.json + safetensors of `blocks.N.*`) arrives as a directory.
+    if layout == "official" or (layout == "hf" and "patch_embed.proj.weight" in state_dict):
         return _hf_state_from_official(state_dict, config, source)
     if layout != "hf":
         raise UserInputError(f"unknown Hiera checkpoint layout {layout!r}; expected 'hf' or 'official'")

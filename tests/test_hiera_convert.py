@@ -79,6 +79,43 @@ def test_official_layout_errors_through_the_cli(tmp_path, capsys):
     assert "blocks.0.attn.qkv.weight (expected (24, 8), got (24, 4))" in message
 
 
+def official_hub_config(embed_dim: int, num_heads: int, stages: list[int], **overrides) -> dict:
+    """config.json as facebookresearch/hiera's hub mixin writes it (the `Hiera(**config)` arguments)."""
+    config = {"input_size": [224, 224], "in_chans": 3, "embed_dim": embed_dim, "num_heads": num_heads,
+              "num_classes": 10, "stages": stages, "q_pool": 3, "q_stride": [2, 2], "mask_unit_size": [8, 8],
+              "mask_unit_attn": [True, True, False, False], "dim_mul": 2.0, "head_mul": 2.0,
+              "patch_kernel": [7, 7], "patch_stride": [4, 4], "patch_padding": [3, 3], "mlp_ratio": 4.0,
+              "drop_path_rate": 0.0, "norm_layer": "LayerNorm", "head_dropout": 0.0, "head_init_scale": 0.001,
+              "sep_pos_embed": False}
+    return {**config, **overrides}
+
+
+def test_official_hub_format_directory(tmp_path):
+    """A directory in the official hub format: Hiera's arguments as config.json, official keys."""
+    from safetensors.torch import save_file
+
+    config = HieraConfig(embed_dim=8, num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1))
+    torch_model = randomized_torch_model(config, seed=15)
+    official = official_state_from_hf({k: v.numpy() for k, v in torch_model.state_dict().items()}, config)
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text(json.dumps(official_hub_config(8, 1, [1, 2, 2, 1])))
+    save_file({k: torch.from_numpy(v) for k, v in official.items()}, str(tmp_path / "hub" / "model.safetensors"))
+    assert main(["hiera", "--source", str(tmp_path / "hub"), "--out", str(tmp_path / "out"), "--verify"]) == 0
+    assert max(loaded_errors(tmp_path / "out", torch_model, config)) <= TOLERANCE
+
+
+def test_official_hub_configs_of_the_variants():
+    published = {"tiny": (96, 1, [1, 2, 7, 2]), "small": (96, 1, [1, 2, 11, 2]), "base": (96, 1, [2, 3, 16, 3]),
+                 "base-plus": (112, 2, [2, 3, 16, 3]), "large": (144, 2, [2, 6, 36, 4]),
+                 "huge": (256, 4, [2, 6, 36, 4])}
+    for name, (embed_dim, num_heads, stages) in published.items():
+        assert hiera_converter.config_from_hf(official_hub_config(embed_dim, num_heads, stages)) == VARIANTS[name]
+    with pytest.raises(UserInputError, match="sep_pos_embed"):
+        hiera_converter.config_from_hf(official_hub_config(96, 1, [1, 2, 7, 2], sep_pos_embed=True))
+    with pytest.raises(UserInputError, match="separate spatial and temporal"):
+        hiera_converter.config_from_hf({**VARIANTS["tiny"].to_dict(), "use_separate_position_embedding": True})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mae", [False, True])
 def test_official_pth_of_hiera_tiny(tmp_path, mae, capsys):

@@ -111,6 +111,9 @@ def from_hf_config(hf_config: dict[str, Any]) -> HieraConfig:
     if hf_config.get("model_type", "hiera") != "hiera":
         raise UserInputError(f"expected a Hiera config (model_type 'hiera'), got model_type "
                              f"{hf_config.get('model_type')!r}")
+    if hf_config.get("use_separate_position_embedding"):
+        raise UserInputError("this Hiera config uses separate spatial and temporal position embeddings "
+                             "(a video model); only the image models are supported")
     known = {f.name for f in dataclasses.fields(HieraConfig)}
     return HieraConfig(**{k: v for k, v in hf_config.items() if k in known})
 
