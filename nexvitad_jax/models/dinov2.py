@@ -246,30 +246,29 @@ def resize_position_embeddings(grid_embeddings: jax.Array, size_out: tuple[int, 
 
 
 
-def _attention_core(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
-    """softmax(q k^T) v over (..., T, head_dim); softmax in float32, normalized after the product."""
-    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32)
+def _attention_core(qkv: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(d)) v for qkv (..., 3, T, d); softmax in float32, normalized after the product."""
+    query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32) * (qkv.shape[-1] ** -0.5)
     weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
     attended = weights.astype(value.dtype) @ value
     return (attended * (1.0 / weights.sum(axis=-1, keepdims=True))).astype(value.dtype)
 
 
-def multi_head_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                         cache_bytes: int = 1 << 20) -> jax.Array:
-    """Attention over (B, heads, T, head_dim) inputs (queries pre-scaled).
+def multi_head_attention(qkv: jax.Array, cache_bytes: int = 1 << 20) -> jax.Array:
+    """Attention for qkv (B, heads, 3, T, head_dim) -> (B, heads, T, head_dim).
 
     On CPU the (B*heads, T, T) scores of a whole batch spill out of cache (12 MB for ViT-S/14 at
     224, batch 8), so the (batch, head) pairs run in groups whose scores fit in ~1 MB: about 2x
     faster on XLA:CPU. Accelerators take the whole batch at once.
     """
-    batch, heads, tokens, head_dim = query.shape
+    batch, heads, _, tokens, head_dim = qkv.shape
     pairs = batch * heads
     group = max(1, cache_bytes // (tokens * tokens * 4))
     if jax.default_backend() != "cpu" or group >= pairs:
-        return _attention_core(query, key, value)
+        return _attention_core(qkv)
     group = max(g for g in range(1, group + 1) if pairs % g == 0)
-    stacked = jnp.stack([query, key, value]).reshape(3, pairs // group, group, tokens, head_dim)
-    attended = jax.lax.map(lambda qkv: _attention_core(qkv[0], qkv[1], qkv[2]), stacked.swapaxes(0, 1))
+    attended = jax.lax.map(_attention_core, qkv.reshape(pairs // group, group, 3, tokens, head_dim))
     return attended.reshape(batch, heads, tokens, head_dim)
 
 
@@ -286,9 +285,8 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, dim = x.shape
         head_dim = dim // self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        query = qkv[0] * jnp.asarray(head_dim ** -0.5, x.dtype)
-        attended = multi_head_attention(query, qkv[1], qkv[2]).transpose(0, 2, 1, 3)
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(0, 3, 2, 1, 4)
+        attended = multi_head_attention(qkv).transpose(0, 2, 1, 3)
         return self.proj(attended.reshape(batch, tokens, dim))
 
 
