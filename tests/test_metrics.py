@@ -136,6 +136,24 @@ def test_float64_and_integer_scores():
                - average_precision_score(masks.ravel(), scores64.ravel())) < TOL
 
 
+def test_jax_arrays_and_bfloat16_maps():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(10)
+    masks = blob_masks(rng, 6, 20, 20)
+    scores = jnp.asarray(rng.normal(size=masks.shape) + masks, dtype=jnp.bfloat16)
+    as_float = np.asarray(scores.astype(jnp.float32))
+    assert abs(metrics.pixel_auroc(scores, jnp.asarray(masks))
+               - roc_auc_score(masks.ravel(), as_float.ravel())) < TOL
+    assert abs(metrics.aupro(scores, masks) - reference_aupro(as_float, masks)) < TOL
+
+
+def test_complex_or_string_scores_rejected():
+    masks = np.zeros((1, 2, 2), dtype=bool)
+    with pytest.raises(UserInputError, match="real numbers"):
+        metrics.pixel_auroc(np.full((1, 2, 2), "a"), masks)
+
+
 # ----------------------------------------------------------------------------- AUPRO
 
 

@@ -84,6 +84,8 @@ def check_scores_labels(scores, labels, *, what: str, ndim: int | None = None):
         )
     if scores.size == 0:
         raise UserInputError(f"{what}: empty input (shape {scores.shape})")
+    if scores.dtype.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        scores = scores.astype(np.float32)  # ml_dtypes floats (JAX bf16 maps): exact in float32
     if not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
         raise UserInputError(f"{what}: scores must be real numbers, got dtype {scores.dtype}")
     if np.issubdtype(scores.dtype, np.floating):
