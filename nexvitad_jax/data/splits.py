@@ -1,0 +1,83 @@
+"""The paper's cross-domain split protocol and the few-shot choice of normal images.
+
+The paper evaluates 12 MVTec AD classes (all but grid, screw, zipper) as C_s source / C_t target
+splits 11/1, 10/2, 9/3 and 8/4, drawing the target classes at random per seed; the memory bank
+and target adaptation use M normal images chosen as `sorted(files)[seed*M:(seed+1)*M]`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from nexvitad_jax.errors import UserInputError
+
+PAPER_CLASSES: tuple[str, ...] = (
+    "bottle", "cable", "capsule", "carpet", "hazelnut", "leather",
+    "metal_nut", "pill", "tile", "toothbrush", "transistor", "wood",
+)  # fmt: skip
+PAPER_SPLITS: tuple[tuple[int, int], ...] = ((11, 1), (10, 2), (9, 3), (8, 4))
+
+
+def parse_split(text: str) -> tuple[int, int]:
+    """"11/1" -> (11, 1): C_s source classes / C_t target classes, both >= 1."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+        raise UserInputError(
+            f"split {text!r}: expected SOURCE/TARGET class counts such as 11/1, 10/2, 9/3 or 8/4"
+        )
+    return int(match[1]), int(match[2])
+
+
+def make_split(classes: Sequence[str], n_target: int, seed: int) -> tuple[list[str], list[str]]:
+    """Draw `n_target` target classes from `classes` (the rest are the source), by seed.
+
+    Deterministic: the same (set of classes, n_target, seed) gives the same split whatever the
+    order `classes` comes in. Both lists are returned sorted.
+    """
+    pool = sorted(set(classes))
+    if len(pool) != len(list(classes)):
+        raise UserInputError(f"classes contain duplicates: {list(classes)}")
+    if not isinstance(n_target, (int, np.integer)) or not 1 <= n_target < len(pool):
+        raise UserInputError(
+            f"n_target={n_target!r}: expected 1 <= n_target < {len(pool)} (the number of "
+            f"classes available: {pool}), leaving at least one source class"
+        )
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(len(pool), size=int(n_target), replace=False).tolist())
+    target = [c for i, c in enumerate(pool) if i in chosen]
+    source = [c for i, c in enumerate(pool) if i not in chosen]
+    return source, target
+
+
+def fixed_split(classes: Sequence[str], target: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`--target CLASS[,CLASS]`: the given targets, every other class as source."""
+    pool = sorted(set(classes))
+    unknown = sorted(set(target) - set(pool))
+    if unknown:
+        raise UserInputError(f"target classes {unknown} are not in the dataset's classes {pool}")
+    if not target or len(set(target)) >= len(pool):
+        raise UserInputError(
+            f"target {list(target)}: expected at least one target class and one source class "
+            f"left among {pool}"
+        )
+    return [c for c in pool if c not in set(target)], sorted(set(target))
+
+
+def few_shot_indices(paths: Sequence[str], m: int, seed: int) -> np.ndarray:
+    """Indices into `paths` of `sorted(paths)[seed*M:(seed+1)*M]`, wrapping around the end.
+
+    With fewer than M files every file is used once (wrapping never repeats an image).
+    """
+    n = len(paths)
+    if n == 0:
+        raise UserInputError("few-shot selection: no normal images to choose from")
+    if not isinstance(m, (int, np.integer)) or m < 1:
+        raise UserInputError(f"few-shot M={m!r}: expected a positive integer")
+    if seed < 0:
+        raise UserInputError(f"few-shot seed={seed!r}: expected a non-negative integer")
+    order = np.argsort(np.asarray(paths, dtype=str), kind="stable")
+    take = min(int(m), n)
+    return order[(seed * int(m) + np.arange(take)) % n]
