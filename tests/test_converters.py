@@ -198,11 +198,12 @@ def test_missing_unknown_misshaped_keys_in_official(plain_model, tmp_path):
     assert "encoder.layer.0.attention.o_proj.weight (expected (128, 128), got (128, 64))" in message
 
 
-def test_corrupt_pth(official_pth, tmp_path):
+@pytest.mark.parametrize("family", ["dinov2", "hiera"])
+def test_corrupt_pth(family, official_pth, tmp_path):
     path = tmp_path / "corrupt.pth"
     path.write_bytes(official_pth.read_bytes()[: official_pth.stat().st_size // 2])
     with pytest.raises(UserInputError, match="corrupt.pth: could not be read as a PyTorch checkpoint"):
-        convert_checkpoint("dinov2", str(path), tmp_path / "out", log=lambda *_: None)
+        convert_checkpoint(family, str(path), tmp_path / "out", log=lambda *_: None)
 
 
 @pytest.mark.parametrize("family", ["dinov2", "hiera"])
@@ -226,15 +227,47 @@ def test_variant_mismatch_hf_dir(plain_model, tmp_path):
         convert_checkpoint("dinov2", str(source), tmp_path / "out", variant="small", log=lambda *_: None)
 
 
-def test_variant_mismatch_hiera(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_hiera_dir(tmp_path_factory):
     import dataclasses
 
     from converters import hiera as hiera_converter
     from nexvitad_jax.models.hiera import VARIANTS as HIERA_VARIANTS
 
     config = dataclasses.replace(HIERA_VARIANTS["tiny"], embed_dim=8, num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1))
+    torch.manual_seed(4)
     model = hiera_converter.build_torch(config)
-    source = write_hf_dir(tmp_path / "hiera", model)
+    return write_hf_dir(tmp_path_factory.mktemp("hiera") / "hf", model), model
+
+
+def test_hiera_through_the_framework(tiny_hiera_dir, tmp_path):
+    """The shared pipeline (source, save, load_backbone, --verify) serves the Hiera family too."""
+    from converters import hiera as hiera_converter
+
+    source, model = tiny_hiera_dir
+    result = convert_checkpoint("hiera", str(source), tmp_path / "out", run_verify=True, log=lambda *_: None)
+    assert result["family"] == "hiera" and max(result["verify_errors"]) <= TOLERANCE
+    module, params = load_backbone(tmp_path / "out")
+    assert module.stage_dims == (8, 16, 32, 64)
+    images = np.random.default_rng(8).standard_normal((1, 224, 224, 3)).astype(np.float32)
+    for f, t in zip(hiera_converter.flax_outputs(module, images), hiera_converter.torch_outputs(model, images)):
+        assert np.max(np.abs(f - t)) / np.max(np.abs(t)) <= TOLERANCE
+
+
+def test_build_backbone_registry():
+    from flax import nnx
+
+    from nexvitad_jax.models import build_backbone
+
+    hiera = build_backbone("hiera", {"embed_dim": 8, "num_heads": [1, 1, 1, 1], "depths": [1, 1, 1, 1]},
+                           rngs=nnx.Rngs(0))
+    assert hiera.stage_dims == (8, 16, 32, 64)
+    assert build_backbone("dinov2", {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1},
+                          rngs=nnx.Rngs(0)).hidden_size == 64
+
+
+def test_variant_mismatch_hiera(tiny_hiera_dir, tmp_path):
+    source, _ = tiny_hiera_dir
     with pytest.raises(UserInputError, match="--variant huge does not match"):
         convert_checkpoint("hiera", str(source), tmp_path / "out", variant="huge", log=lambda *_: None)
 
