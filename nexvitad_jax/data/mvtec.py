@@ -143,8 +143,20 @@ def decode_mask(
             f"{expected_hw[1]}x{expected_hw[0]}; a mask must have its image's size"
         )
     grey = pixels.max(axis=-1)  # an RGB mask counts where any channel is set
-    resized = Image.fromarray(grey, "L").resize((image_size, image_size), Image.NEAREST)
-    return np.asarray(resized) > 127  # > 0.5 of 255
+    return resize_nearest(grey, image_size) > 127  # > 0.5 of 255
+
+
+def resize_nearest(array: np.ndarray, size: int) -> np.ndarray:
+    """Nearest resize with half-pixel centres: out[i] = in[floor((i + 0.5) * in / out)].
+
+    The same rule as torch `interpolate(mode="nearest-exact")`; written out because Pillow's
+    NEAREST rounds a few boundary pixels differently.
+    """
+    rows = np.minimum(((np.arange(size) + 0.5) * array.shape[0] / size).astype(np.int64),
+                      array.shape[0] - 1)
+    cols = np.minimum(((np.arange(size) + 0.5) * array.shape[1] / size).astype(np.int64),
+                      array.shape[1] - 1)
+    return array[rows[:, None], cols[None, :]]
 
 
 def decode_example(
@@ -247,17 +259,28 @@ def index_members(
     return index
 
 
-def _check_category(index, category: str, source: str) -> None:
+def _check_category(index, category: str, split: str, source: str) -> None:
     if category not in index:
         raise UserInputError(
             f"unknown category {category!r} in {source}; it holds {sorted(index) or 'none'}"
         )
-    if not index[category]["train"] and not index[category]["test"]:
-        raise UserInputError(f"category {category!r} in {source} holds no images")
+    if not index[category][split]:
+        where = "train/good/*.png" if split == "train" else "test/TYPE/*.png"
+        raise UserInputError(
+            f"category {category!r} in {source} holds no {split} images (expected "
+            f"{category}/{where})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Sources and the cached Dataset
+
+
+def _looks_like_tar(path: Path) -> bool:
+    """By magic bytes (xz, gzip, bzip2, plain ustar): no decompression needed."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return head.startswith((b"\xfd7zXZ\x00", b"\x1f\x8b", b"BZh")) or head[257:262] == b"ustar"
 
 
 def default_cache_dir() -> Path:
@@ -283,7 +306,7 @@ class MVTecDataset:
             raise UserInputError(f"image_size must be an integer >= 8, got {image_size!r}")
         self.image_size = image_size
         self.is_archive = self.source.is_file()
-        if self.is_archive and not tarfile.is_tarfile(self.source):
+        if self.is_archive and not _looks_like_tar(self.source):
             raise UserInputError(f"{source}: not a tar archive (expected the official .tar.xz)")
         self._memory: dict[tuple[str, str], CategoryArrays] = {}
         if self.is_archive:
@@ -330,6 +353,9 @@ class MVTecDataset:
                 self._index = index_members(self._archive_names(), f"{self.source}::{{}}".format)
             else:
                 self._index = index_members(self._names, lambda key: str(self.source / key))
+                for folder in self.source.iterdir():  # categories with no images at all
+                    if (folder / "train").is_dir() or (folder / "test").is_dir():
+                        self._index.setdefault(folder.name, {s: [] for s in SPLITS})
             if not self._index:
                 raise UserInputError(
                     f"{self.source}: no MVTec category found (expected "
@@ -351,9 +377,9 @@ class MVTecDataset:
             raise UserInputError(f"split must be 'train' or 'test', got {split!r}")
         if (category, split) in self._memory:
             return self._memory[(category, split)]
+        _check_category(self.index, category, split, str(self.source))
         path = self.cache_path(category, split)
         if not path.exists():
-            _check_category(self.index, category, str(self.source))
             if self.is_archive:
                 self._decode_archive_category(category)
             else:
