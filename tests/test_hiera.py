@@ -121,7 +121,7 @@ def test_usable_under_jax_and_nnx_transforms():
 
     from nexvitad_jax.models.hiera import Hiera
 
-    config = TINY_CONFIGS["default-pattern"]
+    config = TINY_CONFIGS["three-stages-qpool1-global"]  # small, with scanned layers
     model = Hiera(config, rngs=nnx.Rngs(0))
     x = jnp.asarray(images(config, batch=1))
 
@@ -131,9 +131,8 @@ def test_usable_under_jax_and_nnx_transforms():
     grads = nnx.jit(nnx.grad(loss))(model, x)
     scanned = grads.stages[1].layers.mlp.fc1.kernel[...]  # a layer inside the scan
     assert scanned.shape[0] == config.depths[1] - 1 and float(jnp.abs(scanned).max()) > 0
+    # A closure over the module inside a raw jax transform (nnx.scan would refuse this).
     assert jax.jit(jax.grad(lambda pixels: loss(model, pixels)))(x).shape == x.shape
-    closed_over = jax.jit(lambda pixels: model(pixels)[-1])(x)
-    np.testing.assert_allclose(closed_over, nnx.jit(lambda m, pixels: m(pixels)[-1])(model, x), rtol=1e-5, atol=1e-6)
 
 
 def test_parity_interpolated_position_embeddings():
