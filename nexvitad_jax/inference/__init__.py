@@ -1,1 +1,7 @@
-"""inference."""
+"""Memory-bank inference (the paper's section 3.2): Sinkhorn K-means prototypes per layer, anomaly
+maps from the distance to them, and the `AnomalyDetector` API behind `nexvitad score`."""
+
+from nexvitad_jax.inference.sinkhorn_kmeans import (KMeansResult, SweepResult, sinkhorn_kmeans, sweep_k,
+                                                     transport_assignments)
+
+__all__ = ["KMeansResult", "SweepResult", "sinkhorn_kmeans", "sweep_k", "transport_assignments"]
