@@ -7,6 +7,7 @@ from bisect import bisect
 import numpy as np
 import pytest
 import scipy.ndimage
+import scipy.stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
@@ -146,6 +147,19 @@ def test_jax_arrays_and_bfloat16_maps():
     assert abs(metrics.pixel_auroc(scores, jnp.asarray(masks))
                - roc_auc_score(masks.ravel(), as_float.ravel())) < TOL
     assert abs(metrics.aupro(scores, masks) - reference_aupro(as_float, masks)) < TOL
+
+
+def test_infinite_scores_are_ordinary_extremes():
+    rng = np.random.default_rng(11)
+    masks = blob_masks(rng, 6, 16, 16)
+    scores = tied_scores(rng, masks, 8)
+    scores[masks & (rng.random(masks.shape) < 0.3)] = np.inf
+    scores[~masks & (rng.random(masks.shape) < 0.05)] = -np.inf
+    scores[~masks & (rng.random(masks.shape) < 0.01)] = np.inf
+    ranks = scipy.stats.rankdata(scores.ravel(), method="dense")  # finite, same order
+    assert abs(metrics.pixel_auroc(scores, masks) - roc_auc_score(masks.ravel(), ranks)) < TOL
+    assert abs(metrics.pixel_ap(scores, masks) - average_precision_score(masks.ravel(), ranks)) < TOL
+    assert abs(metrics.aupro(scores, masks) - reference_aupro(scores, masks)) < TOL
 
 
 def test_complex_or_string_scores_rejected():
