@@ -380,24 +380,30 @@ class MVTecDataset:
         _check_category(self.index, category, split, str(self.source))
         path = self.cache_path(category, split)
         if not path.exists():
-            if self.is_archive:
-                self._decode_archive_category(category)
-            else:
-                entries = self.index[category][split]
-                arrays = decode_entries(
-                    entries,
-                    lambda key: (self.source / key).read_bytes(),
-                    self.image_size,
-                    description=f"{category}/{split}",
-                )
-                arrays.save_npz(path)
+            read = self.reader(category)
+            # An archive pass is costly: decode and cache both splits from it at once.
+            for todo in SPLITS if self.is_archive else (split,):
+                if self.index[category][todo]:
+                    decode_entries(
+                        self.index[category][todo], read, self.image_size,
+                        description=f"{category}/{todo}",
+                    ).save_npz(self.cache_path(category, todo))
         arrays = CategoryArrays.load_npz(path)
         self._memory[(category, split)] = arrays
         return arrays
 
-    def _decode_archive_category(self, category: str) -> None:
-        """One sequential pass over the archive reads this category's members into memory
-        (no extraction to disk), then both splits are decoded and cached."""
+    def entries(self, category: str, split: str) -> list[Entry]:
+        """The sorted entries of one category split (what `decode_example` consumes)."""
+        if split not in SPLITS:
+            raise UserInputError(f"split must be 'train' or 'test', got {split!r}")
+        _check_category(self.index, category, split, str(self.source))
+        return self.index[category][split]
+
+    def reader(self, category: str) -> Callable[[str], bytes]:
+        """key -> bytes for this category's entries. For an archive, one sequential pass reads
+        the category's members into memory (no extraction to disk)."""
+        if not self.is_archive:
+            return lambda key: (self.source / key).read_bytes()
         wanted = {
             key
             for entries in self.index[category].values()
@@ -415,11 +421,4 @@ class MVTecDataset:
                             break
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UserInputError(f"{self.source}: unreadable archive ({err})") from None
-        for split in SPLITS:
-            arrays = decode_entries(
-                self.index[category][split],
-                blobs.__getitem__,
-                self.image_size,
-                description=f"{category}/{split}",
-            )
-            arrays.save_npz(self.cache_path(category, split))
+        return blobs.__getitem__
