@@ -1,0 +1,104 @@
+"""NexViTAD multi-task decoder heads (paper section 3.1.2), stacked so heads of one shape run as
+one vmapped computation.
+
+- `SegmentationHead`: U-Net over F_4..F_1 (eq. 4): 2x2 stride-2 transposed conv, concat skip,
+  ConvBlock (3x3 conv, BatchNorm, ReLU) with 256, 128, 64 channels, bilinear upsample to H x W,
+  a final ConvBlock and a 1x1 conv to 2 logits.
+- `PseudoLabelHead`: 1x1 convs 2 d_3 -> 64 -> 32 -> 2 on F_3 (ReLU between), logits upsampled
+  bilinearly to H x W.
+- `StackedHeads`: n heads of one kind with a leading head axis on every variable.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nexvitad_jax.models.encoder import resize_bilinear
+
+
+class ConvBlock(nnx.Module):
+    """3x3 conv, BatchNorm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(in_channels, out_channels, (3, 3), padding="SAME", use_bias=False, dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+        # BatchNorm in fp32 with torch's defaults (momentum 0.1 -> flax 0.9, eps 1e-5).
+        self.norm = nnx.BatchNorm(out_channels, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
+                                  dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train).astype(x.dtype))
+
+
+class SegmentationHead(nnx.Module):
+    """U-Net decoder over the interleaved features (eq. 4) -> (B, H, W, 2) logits."""
+
+    def __init__(self, feature_dims: tuple[int, ...], channels: tuple[int, ...] = (256, 128, 64), *,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if len(channels) != len(feature_dims) - 1:
+            raise ValueError(f"{len(feature_dims)} feature maps need {len(feature_dims) - 1} decoder widths, "
+                             f"got {channels}")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ups, blocks = [], []
+        coarse = feature_dims[-1]
+        for skip, width in zip(reversed(feature_dims[:-1]), channels):
+            ups.append(nnx.ConvTranspose(coarse, coarse, (2, 2), strides=(2, 2), padding="VALID", **kw))
+            blocks.append(ConvBlock(coarse + skip, width, **kw))
+            coarse = width
+        self.ups = nnx.List(ups)
+        self.blocks = nnx.List(blocks)
+        self.final_block = ConvBlock(coarse, coarse, **kw)
+        self.classifier = nnx.Conv(coarse, 2, (1, 1), **kw)
+
+    def __call__(self, features: tuple[jax.Array, ...], image_hw: tuple[int, int], train: bool) -> jax.Array:
+        x = features[-1]
+        for up, block, skip in zip(self.ups, self.blocks, reversed(features[:-1])):
+            x = block(jnp.concatenate([up(x), skip.astype(x.dtype)], axis=-1), train)
+        x = self.final_block(resize_bilinear(x, image_hw), train)
+        return self.classifier(x).astype(jnp.float32)
+
+
+class PseudoLabelHead(nnx.Module):
+    """1x1 convs 2 d_3 -> 64 -> 32 -> 2 with ReLU between, on F_3; logits resized to H x W."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...] = (64, 32), *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        widths = (in_dim, *hidden, 2)
+        self.convs = nnx.List([nnx.Conv(a, b, (1, 1), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                               for a, b in zip(widths[:-1], widths[1:])])
+
+    def __call__(self, feature: jax.Array, image_hw: tuple[int, int]) -> jax.Array:
+        x = feature
+        for index, conv in enumerate(self.convs):
+            x = conv(x)
+            if index < len(self.convs) - 1:
+                x = jax.nn.relu(x)
+        return resize_bilinear(x.astype(jnp.float32), image_hw)
+
+
+class StackedHeads(nnx.Module):
+    """`count` heads made by `make(rngs)`, every variable with a leading head axis; calls vmap the
+    head over it (inputs either per head, axis 0, or shared by all heads)."""
+
+    def __init__(self, count: int, make: Callable[[nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
+        self.count = count
+
+        @nnx.split_rngs(splits=count)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def create(head_rngs: nnx.Rngs) -> nnx.Module:
+            return make(head_rngs)
+
+        self.heads = create(rngs)
+
+    def __call__(self, inputs, *args, per_head_inputs: bool = True, **kwargs):
+        """Inputs: a pytree whose leaves have a leading head axis (per_head_inputs) or are shared."""
+
+        @nnx.vmap(in_axes=(0, 0 if per_head_inputs else None), out_axes=0)
+        def apply(head: nnx.Module, head_inputs):
+            return head(head_inputs, *args, **kwargs)
+
+        return apply(self.heads, inputs)
