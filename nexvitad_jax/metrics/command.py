@@ -1,0 +1,61 @@
+"""`nexvitad evaluate`: the evaluators on anomaly maps saved as .npz.
+
+    nexvitad evaluate maps.npz [--names aupro,pixel_auroc] [--fpr-limit 0.3] [--out metrics.json]
+
+The .npz holds `scores` (N,H,W) and `masks` (N,H,W), and optionally `image_scores` (N,).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.metrics.evaluators import DEFAULT_FPR_LIMIT, EVALUATORS, evaluate
+
+
+def load_maps(path: Path) -> dict[str, np.ndarray]:
+    """Arrays `scores`, `masks` (and `image_scores` if present) from an .npz file."""
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file; expected an .npz with 'scores' and 'masks'")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserInputError(f"{path}: a single array, expected an .npz with 'scores' and 'masks'")
+        with loaded as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        if isinstance(err, UserInputError):
+            raise
+        raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
+    missing = [name for name in ("scores", "masks") if name not in arrays]
+    if missing:
+        raise UserInputError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
+    return arrays
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nexvitad evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("maps", type=Path, help=".npz with scores (N,H,W), masks (N,H,W)[, image_scores (N,)]")
+    parser.add_argument("--names", default=None,
+                        help=f"comma-separated evaluators (default all): {','.join(EVALUATORS)}")
+    parser.add_argument("--fpr-limit", type=float, default=DEFAULT_FPR_LIMIT)
+    parser.add_argument("--backend", default="auto", choices=["auto", "numpy", "jax"])
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    arrays = load_maps(args.maps)
+    names = None if args.names is None else [n.strip() for n in args.names.split(",") if n.strip()]
+    results = evaluate(arrays["scores"], arrays["masks"], names, image_scores=arrays.get("image_scores"),
+                       fpr_limit=args.fpr_limit, backend=args.backend)
+    for name, value in results.items():
+        print(f"{name:<22} {value:.6f}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"maps": str(args.maps), "fpr_limit": args.fpr_limit,
+                                        "metrics": results}, indent=1) + "\n")
+    return 0
