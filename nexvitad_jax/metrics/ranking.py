@@ -157,7 +157,11 @@ def _rank_numpy(scores: np.ndarray, labels: np.ndarray) -> Ranking:
 
 @functools.partial(jax.jit, static_argnames=("n_pos",))
 def _rank_device(scores, labels, n_pos: int):
-    """Sort and search on device; static n_pos so every array has a static shape."""
+    """Sort and search on device; static n_pos so every array has a static shape.
+
+    Binary search ("scan": log2(N) gathers per positive) rather than method="sort", which would
+    re-sort all N pixels for each search.
+    """
     flat_scores = scores.reshape(-1)
     flat_labels = labels.reshape(-1)
     n_neg = flat_scores.shape[0] - n_pos
@@ -167,8 +171,8 @@ def _rank_device(scores, labels, n_pos: int):
     positives = flat_scores[pos_idx]
     pos_order = jnp.argsort(positives, stable=True).astype(jnp.int32)
     pos_scores = positives[pos_order]
-    below = jnp.searchsorted(negatives, pos_scores, side="left", method="sort")
-    at_or_below = jnp.searchsorted(negatives, pos_scores, side="right", method="sort")
+    below = jnp.searchsorted(negatives, pos_scores, side="left", method="scan")
+    at_or_below = jnp.searchsorted(negatives, pos_scores, side="right", method="scan")
     return pos_scores, pos_order, below, at_or_below
 
 
