@@ -138,20 +138,35 @@ def test_usable_under_jax_and_nnx_transforms():
 def test_parity_interpolated_position_embeddings():
     """Another input size: position embeddings resized as HF's interpolate_pos_encoding (bicubic).
 
-    HF's reroll is fixed to config.image_size, so only its last stage (in spatial order once every
-    unroll is consumed) and the pooled output can be compared at another size."""
+    HF's reroll is fixed to config.image_size, so at another size only its last stage (in spatial
+    order once every unroll is consumed) and the pooled output exist. For all four maps, a second HF
+    model built at the new size gets the embeddings resized by HF's own interpolate_pos_encoding."""
     config = TINY_CONFIGS["default-pattern"]
+    size = (96, 128)
     torch_model = randomized_torch_model(config, seed=1)
-    flax_model = instantiate_backbone("hiera", config, hiera_converter.convert(hf_state_numpy(torch_model), config))
-    x = images(config, batch=1, size=(96, 128))
+    state = hf_state_numpy(torch_model)
+    flax_model = instantiate_backbone("hiera", config, hiera_converter.convert(state, config))
+    x = images(config, batch=1, size=size)
+    ours = hiera_converter.flax_outputs(flax_model, x)
     with torch.no_grad():
         out = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), interpolate_pos_encoding=True)
-    ours = hiera_converter.flax_outputs(flax_model, x)
+        grid = (size[0] // 4, size[1] // 4)
+        embeddings = torch_model.embeddings
+        resized = embeddings.interpolate_pos_encoding(torch.zeros(1, grid[0] * grid[1], config.embed_dim),
+                                                      embeddings.position_embeddings, *size)
     last = ours[-2]
     assert last.shape == (1, 3, 4, config.stage_dims[-1])
     errors = relative_errors([out.last_hidden_state.numpy(), out.pooler_output.numpy()],
                              [last.reshape(1, -1, last.shape[-1]), ours[-1]])
     print("interpolated fp32 relative errors (last stage, pooled):", errors)
+    assert max(errors) <= TOLERANCE
+
+    resized_config = dataclasses.replace(config, image_size=size)
+    at_size = hiera_converter.build_torch(resized_config)
+    at_size.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()} |
+                            {"embeddings.position_embeddings": resized})
+    errors = relative_errors(hiera_converter.torch_outputs(at_size, x), ours)
+    print("interpolated fp32 relative errors (4 stages, pooled):", errors)
     assert max(errors) <= TOLERANCE
 
 
