@@ -167,6 +167,15 @@ def test_tar_xz_equals_folder_and_is_cached(tmp_path, monkeypatch, prefix):
     assert len(cached.load("alpha", "test")) == 5
 
 
+def test_single_category_folder(mvtec_reduced, tmp_path):
+    whole = open_dataset(mvtec_reduced, image_size=32, cache_dir=tmp_path).load("hazelnut", "test")
+    single = open_dataset(mvtec_reduced / "hazelnut", image_size=32, cache_dir=tmp_path)
+    assert single.classes == ["hazelnut"]
+    arrays = single.load("hazelnut", "test")
+    np.testing.assert_array_equal(arrays.images, whole.images)
+    assert arrays.paths == whole.paths
+
+
 def test_image_modes_grey_16bit_rgba_palette(tmp_path):
     rng = np.random.default_rng(2)
     grey = rng.integers(0, 256, (16, 16), np.uint8)
@@ -245,6 +254,9 @@ def test_bad_sources(tmp_path):
         _ = open_dataset(tmp_path / "empty", cache_dir=tmp_path / "c").classes
     with pytest.raises(UserInputError, match="image_size"):
         open_dataset("synthetic", image_size=0)
+    (tmp_path / "broken.tar.xz").write_bytes(b"\xfd7zXZ\x00" + b"garbage" * 100)
+    with pytest.raises(UserInputError, match=r"broken\.tar\.xz: unreadable archive"):
+        _ = open_dataset(tmp_path / "broken.tar.xz", cache_dir=tmp_path / "c").classes
 
 
 def test_category_arrays_npz_round_trip(tmp_path):

@@ -309,6 +309,11 @@ class MVTecDataset:
         if self.is_archive and not _looks_like_tar(self.source):
             raise UserInputError(f"{source}: not a tar archive (expected the official .tar.xz)")
         self._memory: dict[tuple[str, str], CategoryArrays] = {}
+        # A single category folder (`.../hazelnut` holding train/ and test/) is accepted too.
+        self._single_category = None
+        if not self.is_archive and any((self.source / s).is_dir() for s in SPLITS):
+            self._single_category = self.source.name
+            self.source = self.source.parent
         if self.is_archive:
             stat = self.source.stat()
             fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"
@@ -316,7 +321,7 @@ class MVTecDataset:
         else:
             self._names = sorted(
                 p.relative_to(self.source).as_posix()
-                for p in self.source.rglob("*")
+                for p in (self.source / (self._single_category or "")).rglob("*")
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             )
             digest = hashlib.sha1()
@@ -325,7 +330,7 @@ class MVTecDataset:
                 digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
             fingerprint = digest.hexdigest()
         key = hashlib.sha1(
-            f"{self.source}|{fingerprint}|{image_size}|v{CACHE_VERSION}".encode()
+            f"{self.source}|{self._single_category}|{fingerprint}|{image_size}|v{CACHE_VERSION}".encode()
         ).hexdigest()[:16]
         self.cache_dir = Path(cache_dir or default_cache_dir()) / "mvtec" / (
             f"{self.source.name}-{image_size}-{key}"
@@ -353,8 +358,13 @@ class MVTecDataset:
                 self._index = index_members(self._archive_names(), f"{self.source}::{{}}".format)
             else:
                 self._index = index_members(self._names, lambda key: str(self.source / key))
-                for folder in self.source.iterdir():  # categories with no images at all
-                    if (folder / "train").is_dir() or (folder / "test").is_dir():
+                folders = (
+                    [self.source / self._single_category]
+                    if self._single_category
+                    else self.source.iterdir()
+                )
+                for folder in folders:  # categories with no images at all
+                    if any((folder / s).is_dir() for s in SPLITS):
                         self._index.setdefault(folder.name, {s: [] for s in SPLITS})
             if not self._index:
                 raise UserInputError(

@@ -13,8 +13,8 @@ classes never change it. Everything is numpy-vectorized over pixels.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -381,8 +381,9 @@ def generate_category(
     category: str, split: str, n: int, *, image_size: int = 224, seed: int = 0,
     n_good_test: int = 4, workers: int | None = None,
 ) -> CategoryArrays:
-    """n images of one class split (threads: the numpy/Pillow kernels release the GIL)."""
-    workers = workers or min(2, os.cpu_count() or 1)
+    """n images of one class split. One thread by default: on a busy 2-core CPU a second thread
+    measured slower (benchmarks/results/data.json); more threads help on idle many-core hosts."""
+    workers = workers or 1
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(
             lambda i: synthetic_image(category, split, i, image_size=image_size, seed=seed,
@@ -439,3 +440,23 @@ def save_contact_sheet(dataset, path, *, classes=None, per_class: int = 6) -> No
             tiles += [arrays.images[i], mask_rgb]
         rows.append(np.concatenate(tiles, axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nexvitad_jax.data.synthetic --sheet OUT.png`: look at the set."""
+    parser = argparse.ArgumentParser(description="Save a contact sheet of the synthetic set.")
+    parser.add_argument("--sheet", required=True, help="output PNG (image | mask pairs)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-class", type=int, default=6)
+    parser.add_argument("--classes", default="", help="comma-separated (default: all)")
+    args = parser.parse_args(argv)
+    classes = [c for c in args.classes.split(",") if c] or None
+    dataset = SyntheticDataset(image_size=args.image_size, seed=args.seed)
+    save_contact_sheet(dataset, args.sheet, classes=classes, per_class=args.per_class)
+    print(f"wrote {args.sheet}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
