@@ -3,5 +3,6 @@ maps from the distance to them, and the `AnomalyDetector` API behind `nexvitad s
 
 from nexvitad_jax.inference.sinkhorn_kmeans import (KMeansResult, SweepResult, sinkhorn_kmeans, sweep_k,
                                                      transport_assignments)
+from nexvitad_jax.inference.detector import AnomalyDetector, BackboneFeatureExtractor, FeatureExtractor
 
-__all__ = ["KMeansResult", "SweepResult", "sinkhorn_kmeans", "sweep_k", "transport_assignments"]
+__all__ = ["AnomalyDetector", "BackboneFeatureExtractor", "FeatureExtractor", "KMeansResult", "SweepResult", "sinkhorn_kmeans", "sweep_k", "transport_assignments"]
