@@ -146,12 +146,20 @@ def test_fake_tree_labels_masks_and_order(tmp_path):
             np.testing.assert_array_equal(test.masks[i], np.asarray(Image.open(io.BytesIO(files[mask_rel]))) > 0)
 
 
-@pytest.mark.parametrize("prefix", ["", "mvtec_anomaly_detection/"])
-def test_tar_xz_equals_folder_and_is_cached(tmp_path, monkeypatch, prefix):
+@pytest.mark.parametrize("prefix, interleaved", [("", False), ("mvtec_anomaly_detection/", False), ("", True)])
+def test_tar_xz_equals_folder_and_is_cached(tmp_path, monkeypatch, prefix, interleaved):
     files = _fake_files(np.random.default_rng(1))
     folder = open_dataset(_write_tree(tmp_path / "mv", files), image_size=24, cache_dir=tmp_path / "c1")
-    archive_path = _write_tar(tmp_path / "mvtec.tar.xz", files, prefix)
+    order = sorted(files, key=lambda name: (name.split("/")[2:], name)) if interleaved else list(files)
+    archive_path = _write_tar(tmp_path / "mvtec.tar.xz", {name: files[name] for name in order}, prefix)
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     archive = open_dataset(archive_path, image_size=24, cache_dir=tmp_path / "c2")
+    assert archive.classes == ["alpha", "beta"]
+    if not interleaved:  # one pass lists the archive and decodes every category
+        assert len(opened) == 1
+        assert all(archive.cache_path(c, s).exists() for c in ("alpha", "beta") for s in ("train", "test"))
     assert archive.classes == folder.classes
     for category in folder.classes:
         for split in ("train", "test"):

@@ -259,6 +259,14 @@ def index_members(
     return index
 
 
+def _category_of(name: str) -> str | None:
+    """The category of an archive member (`[PREFIX/]CATEGORY/SPLIT/TYPE/FILE`), else None."""
+    parts = PurePosixPath(name).parts
+    if len(parts) >= 4 and parts[-3] in (*SPLITS, "ground_truth"):
+        return parts[-4]
+    return None
+
+
 def _check_category(index, category: str, split: str, source: str) -> None:
     if category not in index:
         raise UserInputError(
@@ -296,9 +304,14 @@ class MVTecDataset:
 
     The cache key is the resolved source path, its fingerprint (archive size + mtime, or the
     folder's file names, sizes and mtimes), the image size and the decoder version.
+    An archive is read sequentially, never extracted: the first access lists it and decodes
+    every category in that same pass (one decompression of the whole archive).
     """
 
-    def __init__(self, source: str | os.PathLike, *, image_size: int = 224, cache_dir=None):
+    def __init__(
+        self, source: str | os.PathLike, *, image_size: int = 224, cache_dir=None,
+        decode_on_scan: bool = True,
+    ):
         self.source = Path(source).expanduser().resolve()
         if not self.source.exists():
             raise UserInputError(f"{source}: no such MVTec folder or archive")
@@ -309,6 +322,7 @@ class MVTecDataset:
         if self.is_archive and not _looks_like_tar(self.source):
             raise UserInputError(f"{source}: not a tar archive (expected the official .tar.xz)")
         self._memory: dict[tuple[str, str], CategoryArrays] = {}
+        self._decode_on_scan = decode_on_scan
         # A single category folder (`.../hazelnut` holding train/ and test/) is accepted too.
         self._single_category = None
         if not self.is_archive and any((self.source / s).is_dir() for s in SPLITS):
@@ -340,16 +354,64 @@ class MVTecDataset:
     # -- listing
     def _archive_names(self) -> list[str]:
         listing = self.cache_dir / "members.json"
-        if listing.exists():
-            return json.loads(listing.read_text())
+        if not listing.exists():
+            self._scan_archive(decode=self._decode_on_scan)
+        return json.loads(listing.read_text())
+
+    def _scan_archive(self, decode: bool) -> None:
+        """One sequential pass over the archive: list its members and, with `decode`, decode
+        and cache each category as soon as its members are complete (the official archives
+        store one category after another), holding one category's PNG bytes at a time."""
+        display = f"{self.source}::{{}}".format
+        names: list[str] = []
+        blobs: dict[str, dict[str, bytes]] = {}
+        done: set[str] = set()
+        reopened: set[str] = set()
+
+        def flush(category: str, final: bool) -> None:
+            done.add(category)
+            try:
+                index = index_members(blobs[category], display).get(category)
+            except UserInputError:
+                if final:
+                    raise
+                reopened.add(category)  # e.g. masks stored later: decode it on demand
+                del blobs[category]
+                return
+            for split in SPLITS:
+                if index and index[split]:
+                    decode_entries(index[split], blobs[category].__getitem__, self.image_size,
+                                   description=f"{category}/{split}",
+                                   ).save_npz(self.cache_path(category, split))
+            del blobs[category]
+
         try:
             with tarfile.open(self.source, "r:*") as tar:
-                names = [m.name for m in tar.getmembers() if m.isfile()]
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    names.append(member.name)
+                    category = _category_of(member.name) if decode else None
+                    if category is None:
+                        continue
+                    if category in done:  # out-of-order archive: decode it later, on demand
+                        reopened.add(category)
+                        continue
+                    for finished in [c for c in blobs if c != category]:
+                        flush(finished, final=False)
+                    blobs.setdefault(category, {})[member.name] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UserInputError(f"{self.source}: unreadable archive ({err})") from None
+        for category in list(blobs):
+            flush(category, final=True)
+        for category in reopened:
+            for split in SPLITS:
+                self.cache_path(category, split).unlink(missing_ok=True)
+        listing = self.cache_dir / "members.json"
         listing.parent.mkdir(parents=True, exist_ok=True)
-        listing.write_text(json.dumps(names))
-        return names
+        tmp = listing.with_name(f"members.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(names))
+        os.replace(tmp, listing)
 
     @property
     def index(self) -> dict[str, dict[str, list[Entry]]]:

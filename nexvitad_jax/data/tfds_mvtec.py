@@ -83,7 +83,9 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
         config = self.builder_config
         source = _find_source(dl_manager.manual_dir, config.category)
         # The same reader as open_dataset (its .npz cache is not used here).
-        dataset = MVTecDataset(source, image_size=config.image_size, cache_dir=self.data_dir)
+        dataset = MVTecDataset(
+            source, image_size=config.image_size, cache_dir=self.data_dir, decode_on_scan=False
+        )
         read = dataset.reader(config.category)
         return {
             split: self._generate_examples(dataset.entries(config.category, split), read)
