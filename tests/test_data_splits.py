@@ -66,9 +66,8 @@ def test_fixed_split():
 def _reference_few_shot(files, m, seed):
     """The protocol as written: sorted(files)[seed*M:(seed+1)*M], wrapping around the end."""
     ordered = sorted(files)
-    doubled = ordered * (2 + (seed * m) // len(ordered))
-    chosen = doubled[seed * m: seed * m + min(m, len(ordered))]
-    return chosen
+    doubled = ordered * (2 + (seed * m + m) // len(ordered))
+    return doubled[seed * m: seed * m + m]
 
 
 @settings(max_examples=60, deadline=None)
@@ -82,7 +81,7 @@ def test_few_shot_indices_match_the_protocol(files, m, seed):
     shuffled = list(rng.permutation(files))
     indices = few_shot_indices(shuffled, m, seed)
     assert [shuffled[i] for i in indices] == _reference_few_shot(files, m, seed)
-    assert len(set(indices.tolist())) == len(indices)
+    assert len(indices) == m and len(set(indices.tolist())) == min(m, len(files))
 
 
 def test_few_shot_plain_slice_and_errors():

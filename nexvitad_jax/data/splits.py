@@ -69,7 +69,7 @@ def fixed_split(classes: Sequence[str], target: Sequence[str]) -> tuple[list[str
 def few_shot_indices(paths: Sequence[str], m: int, seed: int) -> np.ndarray:
     """Indices into `paths` of `sorted(paths)[seed*M:(seed+1)*M]`, wrapping around the end.
 
-    With fewer than M files every file is used once (wrapping never repeats an image).
+    Always M indices (callers stack classes): with fewer than M files the wrap repeats files.
     """
     n = len(paths)
     if n == 0:
@@ -79,5 +79,4 @@ def few_shot_indices(paths: Sequence[str], m: int, seed: int) -> np.ndarray:
     if seed < 0:
         raise UserInputError(f"few-shot seed={seed!r}: expected a non-negative integer")
     order = np.argsort(np.asarray(paths, dtype=str), kind="stable")
-    take = min(int(m), n)
-    return order[(seed * int(m) + np.arange(take)) % n]
+    return order[(seed * int(m) + np.arange(int(m))) % n]
