@@ -46,6 +46,18 @@ def read_image(path: Path, size: int) -> np.ndarray:
         raise UserInputError(f"{path}: not a readable image ({error})") from error
 
 
+def check_readable(paths: list[Path]) -> None:
+    """Open every image's header up front, so a bad file fails before minutes of scoring."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            raise UserInputError(f"{path}: not a readable image ({error})") from error
+
+
 def heat_colors(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] -> RGB in [0, 1] with the 'jet' colormap (blue, cyan, yellow, red)."""
     return np.clip(1.5 - np.abs(4.0 * values[..., None] - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
@@ -92,6 +104,8 @@ def main(argv: list[str]) -> int:
         raise UserInputError(f"--k {args.k}: expected a positive number of prototypes")
     normal_files = select_normal_images(list_images(args.normal, "--normal"), args.shots, args.seed)
     image_files = list_images(args.images, "--images")
+    check_readable(image_files)
+    normal = np.stack([read_image(path, args.image_size) for path in normal_files])
     options = dict(layers=layers, image_size=args.image_size)
     if args.backbone:
         extractor = BackboneFeatureExtractor.from_dirs(args.backbone, args.dino, **options)
@@ -103,7 +117,6 @@ def main(argv: list[str]) -> int:
         extractor = BackboneFeatureExtractor.random(seed=args.seed, **options)
 
     detector = AnomalyDetector(extractor, k=args.k, sigma=args.sigma, seed=args.seed, batch_size=args.batch_size)
-    normal = np.stack([read_image(path, args.image_size) for path in normal_files])
     with tqdm(total=len(normal), desc="memory bank", unit="img", file=sys.stderr) as progress:
         detector.fit(normal, progress)
     for layer, result in enumerate(detector.memory_bank.results):
