@@ -29,7 +29,8 @@ layernorm_after (the same sub-module names as HF).
 `<layer>` is `first_layer` for L = 0 and `layers` (stacked on a leading axis at index L - 1, the
 layers run as one scan) for L >= 1. Linear weights (O, I) become kernels (I, O); LayerNorm
 `weight` becomes `scale`. HF keys may carry a `hiera.` prefix (HieraForImageClassification /
-HieraForPreTraining checkpoints); `classifier.*` and the MAE decoder are ignored.
+HieraForPreTraining checkpoints); `classifier.*` and the MAE decoder are ignored, and an MAE
+encoder (no pooler) gets the initial pooler norm, as below.
 Official MAE pre-training checkpoints (`mae_in1k`: `encoder_norm`, `decoder_*`, `mask_token`,
 `multi_scale_fusion_heads.*`, no `norm`) convert too: the decoder is ignored and the pooler norm
 keeps the official init (weight 1, bias 0.02), exactly what the official `torch.hub` loader leaves
@@ -43,6 +44,7 @@ HF `use_separate_position_embedding`) are refused.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -119,7 +121,7 @@ def _official_shape_summary(state_dict: dict[str, Any]) -> tuple[int, tuple[int,
                              "pos_embed_temporal); only the 2-D image models are supported")
     if "pos_embed" not in state_dict:
         raise UserInputError("official Hiera checkpoint: no 'pos_embed' (expected (1, tokens, embed_dim))")
-    blocks = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")})
+    blocks = sorted({int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.", k)})
     if blocks != list(range(len(blocks))) or not blocks:
         raise UserInputError(f"official Hiera checkpoint: block indices {blocks[:5]}... are not 0..N-1")
     # A stage starts at every block that changes width (it has a `proj`).
@@ -217,19 +219,23 @@ def _check(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]
     check_keys(expected, got, source)
 
 
+def _initial_pooler_norm(config: HieraConfig, prefix: str, present: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The pooler LayerNorm an MAE checkpoint lacks, at its initial value: weight 1, bias 0.02 (official
+    Hiera._init_weights and HF's init alike). The official loader (strict=False) leaves exactly this in
+    a `Hiera`, and transformers' convert_hiera_to_hf.py copied it into the base HieraModel checkpoints."""
+    width = config.stage_dims[-1]
+    initial = {f"{prefix}.weight": np.ones((width,), np.float32),
+               f"{prefix}.bias": np.full((width,), 0.02, np.float32)}
+    return {k: v for k, v in initial.items() if k not in present}
+
+
 def _hf_state_from_official(state_dict: dict[str, Any], config: HieraConfig, source: str) -> dict[str, Any]:
     to_hf = official_to_hf_names(config)
     hf_shapes = _expected_hf_shapes(config)
     state = {k: v for k, v in state_dict.items()
              if not (k.startswith(_IGNORED_OFFICIAL_PREFIXES) or k in _IGNORED_OFFICIAL_KEYS)}
-    is_mae = "encoder_norm.weight" in state_dict
-    if is_mae:
-        # MAE pre-training checkpoint: no final norm. The official loader (strict=False) leaves the
-        # model's init in place, weight 1 and bias 0.02 (Hiera._init_weights), which is also what
-        # transformers' convert_hiera_to_hf.py copied into the base HieraModel checkpoints.
-        width = config.stage_dims[-1]
-        state.setdefault("norm.weight", np.ones((width,), np.float32))
-        state.setdefault("norm.bias", np.full((width,), 0.02, np.float32))
+    if "encoder_norm.weight" in state_dict:  # an MAE pre-training checkpoint has no final norm
+        state.update(_initial_pooler_norm(config, "norm", state))
     expected = {name: hf_shapes[hf] for name, hf in to_hf.items() if hf in hf_shapes}
     _check(expected, {k: tuple(np.shape(v)) for k, v in state.items()}, source)
     return {to_hf[k]: v for k, v in state.items()}
@@ -249,6 +255,8 @@ def hf_state_dict(state_dict: dict[str, Any], config: HieraConfig, layout: str =
         key = key.removeprefix("hiera.")
         if not key.startswith(_IGNORED_HF_PREFIXES):
             hf_state[key] = value
+    if "encoder_norm.weight" in state_dict:  # HieraForPreTraining: its encoder has no pooler
+        hf_state.update(_initial_pooler_norm(config, "pooler.layernorm", hf_state))
     _check(_expected_hf_shapes(config), {k: tuple(np.shape(v)) for k, v in hf_state.items()}, source)
     return hf_state
 

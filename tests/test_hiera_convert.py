@@ -53,6 +53,26 @@ def test_classification_checkpoint_directory(tmp_path):
     assert max(loaded_errors(tmp_path / "out", classifier.hiera, SMALL_224)) <= TOLERANCE
 
 
+def test_mae_pretraining_checkpoint_directory(tmp_path):
+    """HieraForPreTraining weights: encoder under `hiera.`, decoder ignored, no pooler (initial norm)."""
+    torch.manual_seed(16)
+    mae = transformers.HieraForPreTraining(transformers.HieraConfig(
+        **SMALL_224.to_dict(), decoder_hidden_size=16, decoder_depth=1, decoder_num_heads=1)).eval()
+    with torch.no_grad():
+        for param in mae.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    mae.save_pretrained(tmp_path / "hf")
+    assert main(["hiera", "--source", str(tmp_path / "hf"), "--out", str(tmp_path / "out"), "--verify"]) == 0
+    encoder = hiera_converter.build_torch(SMALL_224)
+    missing, unexpected = encoder.load_state_dict(
+        {k.removeprefix("hiera."): v for k, v in mae.state_dict().items() if k.startswith("hiera.")}, strict=False)
+    assert missing == ["pooler.layernorm.weight", "pooler.layernorm.bias"] and not unexpected
+    with torch.no_grad():
+        encoder.pooler.layernorm.weight.fill_(1.0)
+        encoder.pooler.layernorm.bias.fill_(0.02)
+    assert max(loaded_errors(tmp_path / "out", encoder, SMALL_224)) <= TOLERANCE
+
+
 def test_bfloat16_checkpoint(tmp_path):
     torch_model = randomized_torch_model(SMALL_224, seed=12)
     torch_model.save_pretrained(tmp_path / "hf")
