@@ -105,12 +105,13 @@ def test_matches_numpy_log_domain_reference():
     np.testing.assert_allclose(np.asarray(prototypes), expected, atol=1e-4)
 
 
-def test_sweep_equals_each_k_alone():
+@pytest.mark.parametrize("parallel", [True, False], ids=["vmapped", "sequential"])
+def test_sweep_equals_each_k_alone(parallel):
     x, _ = make_blobs(n_samples=400, centers=6, n_features=10, cluster_std=1.0, random_state=5)
     x = x.astype(np.float32)
     ks = [2, 6, 9]
     options = dict(max_iters=8, tol=0.0, sinkhorn_threshold=1e-5, sinkhorn_max_iters=5000)
-    sweep = sweep_k(x, ks, rng=jax.random.key(4), **options)
+    sweep = sweep_k(x, ks, rng=jax.random.key(4), parallel=parallel, **options)
     for index, k in enumerate(ks):
         prototypes, result = sinkhorn_kmeans(x, k, rng=jax.random.key(4), **options)
         assert sweep.prototypes[index].shape == (k, 10)

@@ -232,12 +232,15 @@ _STATIC = ("max_iters", "chunk", "dense", "sinkhorn_threshold", "sinkhorn_max_it
 _fit_jit = jax.jit(_fit, static_argnames=_STATIC)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("k_max",))
-def _sweep_program(x, rng, ks, epsilon, tol, *, k_max: int, **static):
+@functools.partial(jax.jit, static_argnames=_STATIC + ("k_max", "parallel"))
+def _sweep_program(x, rng, ks, epsilon, tol, *, k_max: int, parallel: bool, **static):
     init = kmeans_plus_plus(x, k_max, rng)
     masks = jnp.arange(k_max)[None, :] < ks[:, None]
     fit = functools.partial(_fit, **static)
-    return jax.vmap(fit, in_axes=(None, None, 0, None, None))(x, init, masks, epsilon, tol)
+    if parallel:  # one batched program: the distance matmuls of all runs fuse into one
+        return jax.vmap(fit, in_axes=(None, None, 0, None, None))(x, init, masks, epsilon, tol)
+    # Runs one after another inside the program: the memory of a single run.
+    return jax.lax.map(lambda mask: fit(x, init, mask, epsilon, tol), masks)
 
 
 _kmeans_plus_plus_jit = jax.jit(kmeans_plus_plus, static_argnames=("k",))
@@ -299,18 +302,21 @@ class SweepResult(NamedTuple):
 
 def sweep_k(x, ks: Sequence[int], *, rng: jax.Array, epsilon: float = DEFAULT_EPSILON, max_iters: int = 100,
             tol: float = 1e-4, chunk_size: int | None = None, sinkhorn_threshold: float = 1e-3,
-            sinkhorn_max_iters: int = 2000, dense_cost_bytes: int | None = None) -> SweepResult:
-    """Sinkhorn K-means for every K in `ks` on one bank, as one compiled program (vmapped runs
-    padded to max(ks)); run i equals `sinkhorn_kmeans(x, ks[i], rng=rng, ...)`."""
+            sinkhorn_max_iters: int = 2000, dense_cost_bytes: int | None = None,
+            parallel: bool = True) -> SweepResult:
+    """Sinkhorn K-means for every K in `ks` on one bank, as one compiled program (runs padded to
+    max(ks); vmapped when `parallel`, else sequential in-program for the memory of one run); run i
+    equals `sinkhorn_kmeans(x, ks[i], rng=rng, ...)`."""
     ks = tuple(_check_k(k) for k in ks)
     if not ks:
         raise UserInputError("ks: expected at least one cluster count")
     k_max = max(ks)
     x = _check_bank(x, k_max)
     n, d = x.shape
-    static = _static_options(n, d, len(ks), k_max, x.dtype.itemsize, chunk_size, dense_cost_bytes, max_iters,
+    static = _static_options(n, d, len(ks) if parallel else 1, k_max, x.dtype.itemsize, chunk_size, dense_cost_bytes, max_iters,
                              sinkhorn_threshold, sinkhorn_max_iters)
     prototypes, result = _sweep_program(x, rng, jnp.asarray(ks, jnp.int32), jnp.asarray(epsilon, x.dtype),
-                                        jnp.asarray(tol, x.dtype), k_max=k_max, **static)
+                                        jnp.asarray(tol, x.dtype), k_max=k_max, parallel=bool(parallel),
+                                        **static)
     return SweepResult(ks=ks, prototypes=[prototypes[i, :k] for i, k in enumerate(ks)],
                        objective=result.objective, result=result)
