@@ -91,11 +91,18 @@ def _coverage(signed_distance: np.ndarray, size: int) -> np.ndarray:
     return np.clip(0.5 - signed_distance * size / 2, 0, 1)
 
 
-def _polyline_distance(x, y, points: np.ndarray) -> np.ndarray:
-    """Distance of every pixel to a densely sampled polyline (points (P, 2)), vectorized."""
-    dx = x[None] - points[:, 0, None, None]
-    dy = y[None] - points[:, 1, None, None]
-    return np.sqrt((dx * dx + dy * dy).min(axis=0))
+def _polyline_distance(x, y, points: np.ndarray, reach: float) -> np.ndarray:
+    """Distance of every pixel to a densely sampled polyline (points (P, 2)), vectorized over
+    the polyline's bounding box grown by `reach` (inf beyond it: callers threshold below reach)."""
+    size = x.shape[0]
+    lo = np.clip(((points.min(0) - reach + 1) / 2 * size).astype(int), 0, size)
+    hi = np.clip(((points.max(0) + reach + 1) / 2 * size).astype(int) + 1, 0, size)
+    distance = np.full((size, size), np.inf, np.float32)
+    box = (slice(lo[1], hi[1]), slice(lo[0], hi[0]))
+    dx = x[box][None] - points[:, 0, None, None]
+    dy = y[box][None] - points[:, 1, None, None]
+    distance[box] = np.sqrt((dx * dx + dy * dy).min(axis=0))
+    return distance
 
 
 def _blob(rng, x, y, center, radius, size) -> np.ndarray:
@@ -300,7 +307,7 @@ def _apply_defect(kind: str, rng, scene: _Scene, size: int) -> tuple[np.ndarray,
         jagged = kind == "crack"
         points = _curve(rng, center, rng.uniform(0.25, 0.6), jagged)
         width = rng.uniform(1.0, 2.2 if jagged else 1.6) * pixel
-        mask = _polyline_distance(x, y, points) < width
+        mask = _polyline_distance(x, y, points, width) < width
         factor = rng.uniform(0.45, 0.7) if jagged else rng.choice([rng.uniform(0.7, 0.85),
                                                                    rng.uniform(1.15, 1.3)])
         changed = np.clip(image * factor, 0, 1)
@@ -322,7 +329,7 @@ def _apply_defect(kind: str, rng, scene: _Scene, size: int) -> tuple[np.ndarray,
         for _ in range(int(rng.integers(1, 4))):  # a few particles: tiny fixed loop, not pixels
             spot = center + rng.normal(0, 0.06, 2)
             if rng.random() < 0.5:  # a fibre
-                mask |= _polyline_distance(x, y, _curve(rng, spot, 0.15, True)) < 1.2 * pixel
+                mask |= _polyline_distance(x, y, _curve(rng, spot, 0.15, True), 1.2 * pixel) < 1.2 * pixel
             else:  # a speck
                 mask |= _blob(rng, x, y, spot, rng.uniform(0.015, 0.035), size)
         fleck = _colour(rng.choice([[0.2, 0.2, 0.2], [0.8, 0.8, 0.75], [0.45, 0.3, 0.2]]), rng)
@@ -381,15 +388,19 @@ def generate_category(
     category: str, split: str, n: int, *, image_size: int = 224, seed: int = 0,
     n_good_test: int = 4, workers: int | None = None,
 ) -> CategoryArrays:
-    """n images of one class split. One thread by default: on a busy 2-core CPU a second thread
-    measured slower (benchmarks/results/data.json); more threads help on idle many-core hosts."""
+    """n images of one class split. One thread by default: a second thread measured 0.7x-1.2x
+    on a shared 2-core CPU (benchmarks/data.py); `workers` helps on idle many-core hosts."""
     workers = workers or 1
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(
-            lambda i: synthetic_image(category, split, i, image_size=image_size, seed=seed,
-                                      n_good_test=n_good_test),
-            range(n),
-        ))
+
+    def render(index: int):
+        return synthetic_image(category, split, index, image_size=image_size, seed=seed,
+                               n_good_test=n_good_test)
+
+    if workers == 1:
+        results = [render(i) for i in range(n)]
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(render, range(n)))
     defect_types = [r[2] for r in results]
     return CategoryArrays(
         images=np.stack([r[0] for r in results]) if n else np.zeros((0, image_size, image_size, 3), np.uint8),
