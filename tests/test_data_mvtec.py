@@ -276,3 +276,11 @@ def test_category_arrays_npz_round_trip(tmp_path):
     back = CategoryArrays.load_npz(tmp_path / "x.npz")
     np.testing.assert_array_equal(back.masks, arrays.masks)
     assert back.defect_types == ["good", "crack"] and back.paths == ["a", "b"]
+
+
+def test_defect_folder_under_train_is_rejected(tmp_path):
+    files = _fake_files(np.random.default_rng(7))
+    files["alpha/train/crack/000.png"] = files["alpha/test/crack/000.png"]
+    dataset = open_dataset(_write_tree(tmp_path / "m", files), image_size=16, cache_dir=tmp_path / "c")
+    with pytest.raises(UserInputError, match=r"alpha/train/crack/000\.png: train/ must hold only train/good"):
+        dataset.load("alpha", "train")
