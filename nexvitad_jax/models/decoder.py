@@ -96,9 +96,15 @@ class StackedHeads(nnx.Module):
 
     def __call__(self, inputs, *args, per_head_inputs: bool = True, **kwargs):
         """Inputs: a pytree whose leaves have a leading head axis (per_head_inputs) or are shared."""
+        # A raw jax.vmap over the split state (not nnx.vmap), so the heads also run inside raw
+        # transforms (jax.value_and_grad over a merged state) whatever the variables' trace levels.
+        graphdef, state = nnx.split(self.heads)
 
-        @nnx.vmap(in_axes=(0, 0 if per_head_inputs else None), out_axes=0)
-        def apply(head: nnx.Module, head_inputs):
-            return head(head_inputs, *args, **kwargs)
+        def apply(head_state, head_inputs):
+            head = nnx.merge(graphdef, head_state)
+            output = head(head_inputs, *args, **kwargs)
+            return output, nnx.state(head)
 
-        return apply(self.heads, inputs)
+        outputs, new_state = jax.vmap(apply, in_axes=(0, 0 if per_head_inputs else None))(state, inputs)
+        nnx.update(self.heads, new_state)
+        return outputs

@@ -19,7 +19,7 @@ FROZEN = nnx.Any(nnx.PathContains("hiera"), nnx.PathContains("dinov2"))
 TRAINABLE = nnx.All(nnx.Param, nnx.Not(FROZEN))
 
 
-def _normalize(images: jax.Array) -> jax.Array:
+def normalize(images: jax.Array) -> jax.Array:
     from nexvitad_jax.models import normalize_images  # the package __init__ imports this module's peers
 
     return normalize_images(images.astype(jnp.float32))
@@ -50,7 +50,7 @@ class NexViTAD(nnx.Module):
     # -- encoder ---------------------------------------------------------------------------------
     def encode(self, images: jax.Array, kind: str = "interleaved") -> tuple[jax.Array, ...]:
         """Images (B, H, W, 3) in [0, 1] -> features per layer F_1..F_4 (the memory bank's input)."""
-        return self.encoder(_normalize(images).astype(self.dtype), kind=kind)
+        return self.encoder(normalize(images).astype(self.dtype), kind=kind)
 
     # -- decoder ---------------------------------------------------------------------------------
     def source_logits(self, features, image_hw, train: bool) -> jax.Array:

@@ -1,0 +1,174 @@
+"""The NexViTAD train step, jitted once over a device mesh with the batch sharded.
+
+The model is split into three states: `trainable` (adapters, projections, heads: the only thing
+differentiated and updated), `batch_stats` (BatchNorm running statistics) and `frozen` (the
+backbones, passed in but never differentiated). Batches are laid out per class,
+(classes, per_class, ...), and sharded along the per-class axis, so each head's BatchNorm
+statistics span its class's images on every device (GSPMD reduces over the global batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nexvitad_jax.models.nexvitad import TRAINABLE, NexViTAD, normalize
+from nexvitad_jax.train import augment as augment_lib
+from nexvitad_jax.train.losses import IGNORE, consistency_mse, cross_entropy, pseudo_labels, total_loss
+
+DATA_AXIS = "data"
+
+
+def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> optax.GradientTransformation:
+    """Adam with linear warmup then cosine decay to 0 (DESIGN.md schedule)."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
+                                                  max(total_steps, warmup_steps + 1), end_value=0.0)
+    return optax.adam(schedule)
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """(classes, per_class, ...) arrays split along per_class."""
+    return NamedSharding(mesh, P(None, DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    lambda1: float = 1.0  # eq. 8, target cross-entropy vs pseudo-labels
+    lambda2: float = 1.0  # eq. 8, consistency MSE
+    pseudo_label_head: float = 1.0  # the pseudo-label heads' cross-entropy on source ground truth
+
+
+def _per_class(features, classes: int):
+    return tuple(f.reshape(classes, -1, *f.shape[1:]) for f in features)
+
+
+class TrainStep:
+    """Holds the graph and the frozen state; `init_state()` makes the train state, `__call__` steps."""
+
+    def __init__(self, model: NexViTAD, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                 weights: LossWeights = LossWeights(), augmentation: dict[str, Any] | None = None):
+        self.graphdef, trainable, batch_stats, frozen = nnx.split(model, TRAINABLE, nnx.BatchStat, ...)
+        self.optimizer = optimizer
+        self.mesh = mesh
+        self.weights = weights
+        self.augmentation = dict(augmentation or {})
+        self.frozen = jax.device_put(frozen, replicated(mesh))
+        self._initial = (trainable, batch_stats)
+        state_sharding = replicated(mesh)
+        data = batch_sharding(mesh)
+        self._step = {
+            phase: jax.jit(functools.partial(self._train_step, phase=phase),
+                           in_shardings=(state_sharding, state_sharding, data), out_shardings=(state_sharding, state_sharding),
+                           donate_argnums=(0,))
+            for phase in (1, 2)}
+        # The few-shot target set is small and every process holds all of it: replicated.
+        self._pseudo_labels = jax.jit(self._pseudo_labels_fn, out_shardings=state_sharding)
+
+    def init_state(self, seed: int) -> dict[str, Any]:
+        trainable, batch_stats = self._initial
+        state = {"trainable": trainable, "batch_stats": batch_stats, "opt_state": self.optimizer.init(trainable),
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
+        return jax.device_put(state, replicated(self.mesh))
+
+    def model(self, state: dict[str, Any]) -> NexViTAD:
+        """The nnx model with the state's parameters and statistics in place."""
+        return nnx.merge(self.graphdef, state["trainable"], state["batch_stats"], self.frozen)
+
+    # -- device functions --------------------------------------------------------------------------
+    def _step_images(self, batch, rng, phase: int):
+        """All images of a step in [0, 1], flat: source, then (phase 2) clean and augmented target."""
+        source_images = batch["source_images"]
+        images = [source_images.reshape(-1, *source_images.shape[2:]).astype(jnp.float32) / 255.0]
+        transforms = None
+        if phase == 2:
+            target_images = batch["target_images"]
+            flat_target = target_images.reshape(-1, *target_images.shape[2:]).astype(jnp.float32) / 255.0
+            transforms = augment_lib.sample_transforms(rng, flat_target.shape[0], **self.augmentation)
+            images += [flat_target, augment_lib.augment(flat_target, transforms)]
+        return jnp.concatenate(images, axis=0), transforms
+
+    def _losses(self, trainable, batch_stats, frozen, backbone_features, batch, transforms, phase: int):
+        """Eq. 8 (+ the pseudo-label heads' source loss) from the frozen backbones' outputs."""
+        # Fresh Variable objects at this trace level (nnx refuses to mutate BatchStats made by the
+        # enclosing jit trace from inside value_and_grad).
+        batch_stats = jax.tree.map(lambda x: x, batch_stats)
+        model = nnx.merge(self.graphdef, trainable, batch_stats, frozen)
+        features = model.encoder.from_backbone_features(*backbone_features)
+        num_source, per_source = batch["source_images"].shape[:2]
+        image_hw = batch["source_images"].shape[2:4]
+        n_source = num_source * per_source
+        source_features = _per_class(tuple(f[:n_source] for f in features), num_source)
+        source_labels = batch["source_masks"].astype(jnp.int32)
+        source_ce = cross_entropy(model.source_logits(source_features, image_hw, train=True), source_labels)
+        # Pseudo-label heads learn defect segmentation from every source image (class-agnostic).
+        pl_logits = model.pseudo_label_logits(tuple(f[:n_source] for f in features), image_hw, per_class_inputs=False)
+        pl_ce = cross_entropy(pl_logits, jnp.broadcast_to(source_labels.reshape(-1, *image_hw), pl_logits.shape[:-1]))
+        metrics = {"source_ce": source_ce, "pseudo_label_ce": pl_ce}
+        loss = source_ce + self.weights.pseudo_label_head * pl_ce
+        if phase == 2:
+            num_target, per_target = batch["target_images"].shape[:2]
+            # Clean and augmented target images go through their class's head in one call (one
+            # BatchNorm batch): (C_t, 2 m, ...).
+            n_target = num_target * per_target
+            target_features = tuple(
+                jnp.concatenate([f[n_source:n_source + n_target].reshape(num_target, per_target, *f.shape[1:]),
+                                 f[n_source + n_target:].reshape(num_target, per_target, *f.shape[1:])], axis=1)
+                for f in features)
+            logits = model.target_logits(target_features, image_hw, train=True)
+            clean_logits, augmented_logits = logits[:, :per_target], logits[:, per_target:]
+            labels = batch["target_labels"]
+            restored, inside = augment_lib.restore(augmented_logits.reshape(-1, *augmented_logits.shape[2:]),
+                                                   transforms)
+            target_ce = cross_entropy(clean_logits, labels)
+            target_mse = consistency_mse(restored, labels.reshape(-1, *image_hw), inside)
+            loss = total_loss(loss, target_ce, target_mse, self.weights.lambda1, self.weights.lambda2)
+            metrics |= {"target_ce": target_ce, "target_mse": target_mse,
+                        "labelled_fraction": jnp.mean(labels != IGNORE)}
+        return loss, (metrics, nnx.state(model, nnx.BatchStat))
+
+    def _train_step(self, state, frozen, batch, *, phase: int):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        images, transforms = self._step_images(batch, rng, phase)
+        # The frozen backbones run outside the differentiated function: no gradient computation
+        # reaches them (their outputs are constants to value_and_grad).
+        model = nnx.merge(self.graphdef, state["trainable"], state["batch_stats"], frozen)
+        backbone_features = model.encoder.backbone_features(normalize(images).astype(model.dtype))
+        grad_fn = jax.value_and_grad(self._losses, has_aux=True)
+        (loss, (metrics, batch_stats)), grads = grad_fn(state["trainable"], state["batch_stats"], frozen,
+                                                        backbone_features, batch, transforms, phase)
+        updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["trainable"])
+        new_state = {"trainable": optax.apply_updates(state["trainable"], updates), "batch_stats": batch_stats,
+                     "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        return new_state, metrics | {"loss": loss}
+
+    def _pseudo_labels_fn(self, state, frozen, target_images):
+        """Eqs. 5-6 on target images (C_t, m, H, W, 3) uint8 -> labels (C_t, m, H, W), IGNORE below theta."""
+        model = nnx.merge(self.graphdef, state["trainable"], state["batch_stats"], frozen)
+        num_target = target_images.shape[0]
+        flat = target_images.reshape(-1, *target_images.shape[2:]).astype(jnp.float32) / 255.0
+        features = _per_class(model.encode(flat), num_target)
+        return pseudo_labels(model.pseudo_label_logits(features, target_images.shape[2:4], per_class_inputs=True))
+
+    # -- host API ----------------------------------------------------------------------------------
+    def __call__(self, state, batch: dict[str, jax.Array], phase: int):
+        return self._step[phase](state, self.frozen, batch)
+
+    def pseudo_labels(self, state, target_images: jax.Array) -> jax.Array:
+        return self._pseudo_labels(state, self.frozen, target_images)
