@@ -182,7 +182,8 @@ def environment(device: str) -> dict:
 
     info = {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
             "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "device": device}
+            "torch_threads": torch.get_num_threads(), "cpu_cores_used": len(os.sched_getaffinity(0)),
+            "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()], "device": device}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
