@@ -10,6 +10,9 @@ Epsilon is relative: the absolute entropic regularization is `epsilon * s2` with
 total variance, mean_i ||x_i - mean(x)||^2 (the mean cost of sending every point to the
 centroid). That keeps the sharpness of the soft assignment and the Sinkhorn iteration count
 independent of the features' scale (raw backbone features have norms in the tens to hundreds).
+The default 0.05 is a measured trade-off: on a 64-mode synthetic bank (N = 4096, D = 256, K = 40,
+5 iterations) 0.01 needs ~1900 Sinkhorn iterations per solve, 0.03 ~270, 0.1 ~70, with the same
+k-means objective within 2% and cluster sizes within 1% of N/K at every setting.
 The prototype shift is measured the same way: max_j ||p_j^new - p_j|| / sqrt(s2).
 
 Memory: the cost matrix is materialized (an OTT `Geometry`) only when it is no larger than the
@@ -36,7 +39,7 @@ import numpy as np
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference._ott_compat import geometry, linear_problem, pointcloud, sinkhorn
 
-DEFAULT_EPSILON = 0.01
+DEFAULT_EPSILON = 0.05
 DEFAULT_DENSE_COST_BYTES = 2 << 30
 
 
@@ -303,10 +306,11 @@ class SweepResult(NamedTuple):
 def sweep_k(x, ks: Sequence[int], *, rng: jax.Array, epsilon: float = DEFAULT_EPSILON, max_iters: int = 100,
             tol: float = 1e-4, chunk_size: int | None = None, sinkhorn_threshold: float = 1e-3,
             sinkhorn_max_iters: int = 2000, dense_cost_bytes: int | None = None,
-            parallel: bool = True) -> SweepResult:
+            parallel: bool = False) -> SweepResult:
     """Sinkhorn K-means for every K in `ks` on one bank, as one compiled program (runs padded to
-    max(ks); vmapped when `parallel`, else sequential in-program for the memory of one run); run i
-    equals `sinkhorn_kmeans(x, ks[i], rng=rng, ...)`."""
+    max(ks); sequential in-program by default, with the memory of one run; `parallel` vmaps the runs,
+    which on CPU is slower: a batched while-loop runs every K until the slowest Sinkhorn solve
+    ends); run i equals `sinkhorn_kmeans(x, ks[i], rng=rng, ...)`."""
     ks = tuple(_check_k(k) for k in ks)
     if not ks:
         raise UserInputError("ks: expected at least one cluster count")
