@@ -180,8 +180,8 @@ def test_position_embedding_resize_matches_torch_bicubic(grid_in, grid_out):
     reference = reference.permute(0, 2, 3, 1).reshape(1, -1, 5).numpy()
     ours = np.asarray(resize_position_embeddings(jnp.asarray(pos), grid_in, grid_out))
     assert ours.shape == reference.shape
-    # float32 rounding only (torch sums the 16 taps in float32 in its own order).
-    assert np.abs(ours - reference).max() <= 1e-6 * np.abs(reference).max()
+    # float32 rounding only (torch sums the 16 taps in float32 in its own order): ~1e-6 measured.
+    assert np.abs(ours - reference).max() <= TOLERANCE * np.abs(reference).max()
 
 
 def test_torch_outputs_refuses_other_sizes():

@@ -27,10 +27,13 @@ import numpy as np
 from flax import nnx
 
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.models.dinov2 import gelu_exact
+from nexvitad_jax.models.dinov2 import resize_position_embeddings as resize_grid
 
 _ACTIVATIONS = {
-    # HF's ACT2FN names: "gelu" is the exact erf GELU, the others the tanh approximation.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    # HF's ACT2FN names: "gelu" is the exact erf GELU, the others the tanh approximation. The exact
+    # one is DINOv2's polynomial-erf form: 4x faster than lax.erf on XLA:CPU, within 1e-6.
+    "gelu": gelu_exact,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
@@ -184,39 +187,11 @@ def stage_grids(config: HieraConfig, grid: tuple[int, int]) -> list[tuple[tuple[
     return layouts
 
 
-# ----------------------------------------------------------------------------------------------
-# Position-embedding resize with PyTorch's bicubic kernel (a = -0.75, align_corners=False).
-
-def _torch_bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) matrix equal to torch.nn.functional.interpolate(mode='bicubic') in 1-D."""
-    a = -0.75
-    scale = size_in / size_out
-    src = (np.arange(size_out) + 0.5) * scale - 0.5  # torch does not clamp the cubic source index
-    base = np.floor(src)
-    t = src - base
-
-    def near(x):  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    weights = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
-    matrix = np.zeros((size_out, size_in))
-    for tap in range(4):  # 4 taps, borders clamped as torch's upsample_get_value_bounded
-        columns = np.clip(base.astype(int) - 1 + tap, 0, size_in - 1)
-        np.add.at(matrix, (np.arange(size_out), columns), weights[:, tap])
-    return matrix.astype(np.float32)
-
-
 def resize_position_embeddings(pos: jax.Array, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> jax.Array:
-    """(1, h*w, C) position embeddings resized bicubically to grid_out, as HF's interpolate_pos_encoding."""
-    channels = pos.shape[-1]
-    rows = jnp.asarray(_torch_bicubic_matrix(grid_in[0], grid_out[0]))
-    cols = jnp.asarray(_torch_bicubic_matrix(grid_in[1], grid_out[1]))
-    grid = pos.reshape(grid_in[0], grid_in[1], channels).astype(jnp.float32)
-    resized = jnp.einsum("oh,hwc,pw->opc", rows, grid, cols, precision=jax.lax.Precision.HIGHEST)
-    return resized.reshape(1, grid_out[0] * grid_out[1], channels).astype(pos.dtype)
+    """(1, h*w, C) position embeddings resized bicubically to grid_out, as HF's interpolate_pos_encoding
+    (PyTorch's bicubic kernel, align_corners=False; the resize DINOv2 uses too)."""
+    grid = pos.reshape(grid_in[0], grid_in[1], pos.shape[-1])
+    return resize_grid(grid, grid_out).reshape(1, grid_out[0] * grid_out[1], pos.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------
