@@ -147,3 +147,34 @@ def test_random_backbone_extractor_describes_and_detects_mismatch(tmp_path):
     other = BackboneFeatureExtractor.random(seed=1, layers=(2, 3), image_size=64)
     with pytest.raises(UserInputError, match=r"hiera.weights: saved '[0-9a-f]+', now '[0-9a-f]+'"):
         AnomalyDetector.load(tmp_path / "det", other)
+
+
+def test_describe_differences_lists_nested_fields_and_ignores_locations():
+    from nexvitad_jax.inference.detector import describe_differences
+
+    saved = {"hiera": {"weights": "aa", "directory": "/old"}, "layers": [0, 1]}
+    assert describe_differences(saved, {"hiera": {"weights": "aa", "directory": "/new"}, "layers": [0, 1]}) == []
+    assert describe_differences(saved, {"hiera": {"weights": "bb"}, "layers": [0, 1], "extra": 1}) == [
+        "extra: not in the saved detector, now 1", "hiera.weights: saved 'aa', now 'bb'"]
+
+
+def test_extractor_from_converted_backbone_dir_equals_in_memory_weights(tmp_path):
+    from flax import nnx
+
+    from nexvitad_jax.models import save_backbone
+
+    random_extractor = BackboneFeatureExtractor.random(seed=3, layers=(1, 3), image_size=64)
+    module_config = random_extractor.describe()["hiera"]["config"]
+    from nexvitad_jax.models import build_backbone
+    from nexvitad_jax.models.hiera import HieraConfig
+
+    hiera = build_backbone("hiera", HieraConfig.from_dict(module_config), rngs=nnx.Rngs(3))
+    save_backbone(tmp_path / "hiera", "hiera", hiera.config, nnx.state(hiera, nnx.Param).to_pure_dict(),
+                  variant="test", source="random")
+    loaded = BackboneFeatureExtractor.from_dirs(tmp_path / "hiera", layers=(1, 3), image_size=64)
+    assert loaded.describe()["hiera"]["weights"] == random_extractor.describe()["hiera"]["weights"]
+    images = jnp.asarray(textured_images(1, 0))
+    for got, expected in zip(loaded(images), random_extractor(images)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserInputError, match="a converted hiera backbone, expected dinov2"):
+        BackboneFeatureExtractor.from_dirs(tmp_path / "hiera", tmp_path / "hiera")

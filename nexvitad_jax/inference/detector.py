@@ -152,11 +152,15 @@ def extractor_from_description(description: dict) -> BackboneFeatureExtractor:
                                            dino_config=dino["config"] if dino else None, **options)
 
 
+# Where a checkpoint lives says nothing about what it computes (its weights fingerprint does).
+_IGNORED_IN_COMPARISON = {"directory"}
+
+
 def describe_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """Human-readable list of the fields where two descriptions differ."""
+    """Human-readable list of the fields where two descriptions differ (locations ignored)."""
     if isinstance(saved, dict) and isinstance(current, dict):
         lines = []
-        for key in sorted(set(saved) | set(current), key=str):
+        for key in sorted((set(saved) | set(current)) - _IGNORED_IN_COMPARISON, key=str):
             name = f"{prefix}.{key}" if prefix else str(key)
             if key not in current:
                 lines.append(f"{name}: saved {saved[key]!r}, missing now")
