@@ -46,17 +46,6 @@ def weights_fingerprint(params: Any) -> str:
     return digest.hexdigest()[:16]
 
 
-def _jitted_forward(module: nnx.Module):
-    """A jitted pure function of the module's (graphdef, state): compiled once per input shape."""
-    graphdef, state = nnx.split(module)
-
-    @jax.jit
-    def forward(state, pixel_values):
-        return nnx.merge(graphdef, state)(pixel_values)
-
-    return lambda pixel_values: forward(state, pixel_values)
-
-
 class BackboneFeatureExtractor:
     """Hiera stage maps (selected `layers`), optionally with a DINOv2 grid per stage.
 
@@ -72,8 +61,10 @@ class BackboneFeatureExtractor:
         if not layers or any(layer < 0 or layer >= num_stages for layer in layers) or len(set(layers)) != len(layers):
             raise UserInputError(f"layers = {list(layers)}: expected distinct stage indices in 0..{num_stages - 1}")
         self.layers, self.image_size = layers, int(image_size)
-        self._hiera = _jitted_forward(hiera)
-        self._dino = _jitted_forward(dino) if dino is not None else None
+        # Weights enter the jitted pipeline as arguments, never as closed-over constants (which
+        # would be baked into the compiled program: gigabytes for Hiera-Huge).
+        self._hiera_graph, self._hiera_state = nnx.split(hiera)
+        self._dino_graph, self._dino_state = nnx.split(dino) if dino is not None else (None, None)
         self._identity = {"kind": "backbone", "hiera": hiera_identity, "dinov2": dino_identity,
                           "layers": list(layers), "image_size": self.image_size}
         self._pipeline = jax.jit(self._features)
@@ -122,21 +113,22 @@ class BackboneFeatureExtractor:
     def describe(self) -> dict[str, Any]:
         return json.loads(json.dumps(self._identity))  # a JSON-normalized copy (tuples -> lists)
 
-    def _features(self, images: jax.Array) -> list[jax.Array]:
+    def _features(self, states, images: jax.Array) -> list[jax.Array]:
         from nexvitad_jax.models import normalize_images
 
         size = (images.shape[0], self.image_size, self.image_size, 3)
         pixels = normalize_images(jax.image.resize(images.astype(jnp.float32), size, method="linear"))
-        stage_maps = self._hiera(pixels)
+        hiera_state, dino_state = states
+        stage_maps = nnx.merge(self._hiera_graph, hiera_state)(pixels)
         features = [stage_maps[layer] for layer in self.layers]
-        if self._dino is not None:
-            grid, _ = self._dino(pixels)
+        if dino_state is not None:
+            grid, _ = nnx.merge(self._dino_graph, dino_state)(pixels)
             features = [jnp.concatenate([f, jax.image.resize(grid, (*f.shape[:3], grid.shape[-1]), method="linear")
                                          .astype(f.dtype)], axis=-1) for f in features]
         return [f.astype(jnp.float32) for f in features]
 
     def __call__(self, images: jax.Array) -> list[jax.Array]:
-        return self._pipeline(jnp.asarray(images))
+        return self._pipeline((self._hiera_state, self._dino_state), jnp.asarray(images))
 
 
 def extractor_from_description(description: dict) -> BackboneFeatureExtractor:
