@@ -9,10 +9,13 @@ The forward pass follows transformers' modeling_hiera.py step by step:
   (a 2x2 max pool) is then a max over the leading token block, and a mask unit is a strided set of
   tokens (token t*num_windows + w belongs to window w);
 - per stage: the first layer changes width (`proj` on the normed input, max-pooled) and pools the
-  queries; the remaining layers are identical in shape and run as one `nnx.scan`;
+  queries; the remaining layers are identical in shape: stacked parameters run by one `lax.scan`;
 - reroll: the stage outputs are put back into row-major spatial order (the inverse permutation of
   that stage's unroll), giving HF's `reshaped_hidden_states[1:]` in NHWC;
 - pooler: mean over tokens, then LayerNorm.
+
+`Hiera(config, dtype=jnp.bfloat16)` computes in bf16 (softmax and GELU in float32) with float32 or
+bf16 parameters (`param_dtype`).
 """
 
 from __future__ import annotations
