@@ -184,26 +184,31 @@ def main(argv=None) -> int:
     report = {"backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
               "machine": platform.processor() or platform.machine(), "quick": args.quick, "repeats": repeats}
     sweep_ks = (5, 10, 20, 30, 40)
+    RESULTS.mkdir(exist_ok=True)
+    name = "kmeans_device" if args.device else "kmeans_quick" if args.quick else "kmeans"
+    path = RESULTS / f"{name}.json"
+
+    def record(section: str, value) -> None:  # written after every section: partial runs keep their numbers
+        report[section] = value
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
     if args.device:
-        report["device_sweep"] = device_sweep(repeats)
-        report["latency"] = latency_section((1, 5, 10, 15), sweep_ks, repeats, device=True)
-        name = "kmeans_device"
+        record("device_sweep", device_sweep(repeats))
+        record("latency", latency_section((1, 5, 10, 15), sweep_ks, repeats, device=True))
     elif args.quick:
-        report["sweep"] = sweep_section(4096, 256, sweep_ks, 5, repeats)
-        report["per_iteration"] = [per_iteration_section(4096, 256, k, 5, repeats) for k in (5, 64)]
-        report["latency"] = latency_section((1, 5), (5, 40), repeats, device=False)
-        name = "kmeans_quick"
+        record("sweep", sweep_section(4096, 256, sweep_ks, 5, repeats))
+        record("per_iteration", [per_iteration_section(4096, 256, k, 5, repeats) for k in (5, 64)])
+        record("latency", latency_section((1, 5), (5, 40), repeats, device=False))
     else:
-        report["sweep"] = sweep_section(31_360, 2048, sweep_ks, 10, repeats)
+        record("sweep", sweep_section(31_360, 2048, sweep_ks, 10, repeats))
         # The CPU subset: N = 31,360 at D = 1024 and 2048 with K = 5, 40, and K = 256 at D = 1024
         # (N = 1e6 and K = 4096 run with --device; on 2 shared CPU cores they take hours per method).
         configs = [(1024, 5), (1024, 40), (1024, 256), (2048, 5), (2048, 40)]
-        report["per_iteration"] = [per_iteration_section(31_360, d, k, 5, repeats) for d, k in configs]
-        report["latency"] = latency_section((1, 5, 10, 15), sweep_ks, repeats, device=False)
-        name = "kmeans"
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+        rows = []
+        for d, k in configs:
+            rows.append(per_iteration_section(31_360, d, k, 5, repeats))
+            record("per_iteration", rows)
+        record("latency", latency_section((1, 5, 10, 15), sweep_ks, repeats, device=False))
     print(json.dumps(report, indent=2))
     print(f"wrote {path}")
     return 0
