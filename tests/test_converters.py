@@ -259,11 +259,12 @@ def test_build_backbone_registry():
 
     from nexvitad_jax.models import build_backbone
 
-    hiera = build_backbone("hiera", {"embed_dim": 8, "num_heads": [1, 1, 1, 1], "depths": [1, 1, 1, 1]},
-                           rngs=nnx.Rngs(0))
+    hiera = nnx.eval_shape(lambda: build_backbone(
+        "hiera", {"embed_dim": 8, "num_heads": [1, 1, 1, 1], "depths": [1, 1, 1, 1]}, rngs=nnx.Rngs(0)))
     assert hiera.stage_dims == (8, 16, 32, 64)
-    assert build_backbone("dinov2", {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1},
-                          rngs=nnx.Rngs(0)).hidden_size == 64
+    dinov2 = nnx.eval_shape(lambda: build_backbone(
+        "dinov2", {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 1}, rngs=nnx.Rngs(0)))
+    assert dinov2.hidden_size == 64 and nnx.state(dinov2, nnx.Param)["layers"]["norm1"]["scale"].shape == (1, 64)
 
 
 def test_variant_mismatch_hiera(tiny_hiera_dir, tmp_path):
