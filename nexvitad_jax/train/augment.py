@@ -70,8 +70,14 @@ def augment(images: jax.Array, transforms: dict[str, jax.Array]) -> jax.Array:
 
 def restore(maps: jax.Array, transforms: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Predictions on augmented images (B, S, S, C) -> mapped back to the original frame, and a
-    (B, S, S) mask of pixels that the augmented view covers (where the inverse exists)."""
+    (B, S, S) mask of the pixels where that inverse exists: the restored position lies in the
+    augmented view and every augmented pixel it interpolates came from inside the original image."""
     size = maps.shape[1]
-    matrices = jax.vmap(lambda f, r, s: jnp.linalg.inv(_matrix(f, r, s, size)))(
-        transforms["flip"], transforms["rotations"], transforms["scale"])
-    return jax.vmap(_warp)(maps.astype(jnp.float32), matrices)
+    forward = jax.vmap(lambda f, r, s: _matrix(f, r, s, size))(transforms["flip"], transforms["rotations"],
+                                                               transforms["scale"])
+    inverse = jax.vmap(jnp.linalg.inv)(forward)
+    # Which augmented pixels sampled inside the original image (the rest were edge-clamped).
+    _, from_inside = jax.vmap(_warp)(jnp.zeros((maps.shape[0], size, size, 1)), forward)
+    restored, inside = jax.vmap(_warp)(jnp.concatenate([maps.astype(jnp.float32),
+                                                        from_inside[..., None].astype(jnp.float32)], -1), inverse)
+    return restored[..., :-1], inside & (restored[..., -1] > 1.0 - 1e-5)

@@ -25,7 +25,7 @@ from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.models.nexvitad import NexViTAD
 from nexvitad_jax.train.checkpoints import Checkpoints
 from nexvitad_jax.train.losses import IGNORE
-from nexvitad_jax.train.step import LossWeights, TrainStep, batch_sharding, make_mesh, make_optimizer
+from nexvitad_jax.train.step import LossWeights, TrainStep, batch_sharding, make_mesh, make_optimizer, replicated
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -95,6 +95,8 @@ def train(config, dataset, source: list[str], target: list[str], workdir: str | 
     `dataset`; checkpoints and metrics.jsonl go to `workdir`."""
     if not source or not target:
         raise UserInputError(f"training needs source and target classes, got source={source} target={target}")
+    if not 0 <= int(config.phase1_epochs) <= int(config.epochs):
+        raise UserInputError(f"config.phase1_epochs = {config.phase1_epochs} must be in [0, epochs = {config.epochs}]")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     seed = int(config.seed)
@@ -115,7 +117,10 @@ def train(config, dataset, source: list[str], target: list[str], workdir: str | 
                         mesh, weights=LossWeights(float(config.lambda1), float(config.lambda2)),
                         augmentation=dict(config.get("augmentation", {})))
     state = trainer.init_state(seed)
-    labels = jnp.full(target_images.shape[:4], IGNORE, jnp.int32)
+    # Global (every process holds the same values) replicated arrays, so multi-host jit and orbax accept them.
+    everywhere = replicated(mesh)
+    target_images_global = jax.make_array_from_process_local_data(everywhere, target_images)
+    labels = jax.make_array_from_process_local_data(everywhere, np.full(target_images.shape[:4], IGNORE, np.int32))
     checkpoints = Checkpoints(workdir / "checkpoints", every_steps=int(config.checkpoint_every))
     start = 0
     if resume and checkpoints.latest_step() is not None:
@@ -144,7 +149,7 @@ def train(config, dataset, source: list[str], target: list[str], workdir: str | 
             batch["target_images"] = global_array(np.take_along_axis(
                 target_images, target_picks[:, :, None, None, None], axis=1), per_target)
             batch["target_labels"] = global_array(np.take_along_axis(
-                np.asarray(labels), target_picks[:, :, None, None], axis=1), per_target)
+                np.asarray(labels.addressable_data(0)), target_picks[:, :, None, None], axis=1), per_target)
         return batch
 
     metadata = {"seed": seed, "source": list(source), "target": list(target), "steps_per_epoch": steps_per_epoch,
@@ -161,7 +166,7 @@ def train(config, dataset, source: list[str], target: list[str], workdir: str | 
             epoch, within = divmod(step, steps_per_epoch)
             phase = 1 if epoch < int(config.phase1_epochs) else 2
             if phase == 2 and within == 0:  # pseudo-labels refreshed at each phase-2 epoch start
-                labels = trainer.pseudo_labels(state, jnp.asarray(target_images))
+                labels = trainer.pseudo_labels(state, target_images_global)
             batch = make_batch(step, phase)
             began = time.perf_counter()
             state, metrics = trainer(state, batch, phase)

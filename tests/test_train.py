@@ -1,0 +1,173 @@
+"""Losses (eqs. 5-9) against torch/numpy references, the augmentation's exact inverse, frozen
+backbones, the NaN stop and input errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from experiments.configs import tiny
+from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.models.nexvitad import FROZEN
+from nexvitad_jax.train import augment as aug
+from nexvitad_jax.train.losses import IGNORE, consistency_mse, cross_entropy, pseudo_labels, total_loss
+from nexvitad_jax.train.loop import TrainingDiverged, build_model, train
+from nexvitad_jax.train.step import TrainStep, batch_sharding, make_mesh, make_optimizer
+
+
+def test_pseudo_labels_threshold_and_ignore():
+    logits = np.random.default_rng(0).normal(scale=2, size=(3, 8, 8, 2)).astype(np.float32)
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)  # eq. 5
+    expected = np.where(probabilities.max(-1) > 0.7, probabilities.argmax(-1), -1)  # eq. 6
+    got = np.asarray(pseudo_labels(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, expected)
+    assert IGNORE == -1 and 0 < (got == -1).mean() < 1
+
+
+def test_cross_entropy_matches_torch_with_ignore():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(4, 6, 6, 2)).astype(np.float32)
+    labels = rng.integers(-1, 2, size=(4, 6, 6))
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(logits).permute(0, 3, 1, 2),
+                                                 torch.from_numpy(labels), ignore_index=-1)
+    np.testing.assert_allclose(float(cross_entropy(jnp.asarray(logits), jnp.asarray(labels))), float(expected),
+                               rtol=1e-6)
+    full = np.clip(labels, 0, 1)  # eq. 9: every source pixel labelled -> 1/(N H W) sum
+    expected_full = torch.nn.functional.cross_entropy(torch.from_numpy(logits).permute(0, 3, 1, 2),
+                                                      torch.from_numpy(full))
+    np.testing.assert_allclose(float(cross_entropy(jnp.asarray(logits), jnp.asarray(full))), float(expected_full),
+                               rtol=1e-6)
+
+
+def test_consistency_mse_is_eq7_over_labelled_pixels():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 5, 5, 2)).astype(np.float32)
+    labels = rng.integers(-1, 2, size=(2, 5, 5))
+    valid = rng.uniform(size=(2, 5, 5)) < 0.8
+    anomaly = np.exp(logits[..., 1]) / np.exp(logits).sum(-1)
+    in_p = (labels != -1) & valid
+    expected = np.mean((anomaly[in_p] - labels[in_p]) ** 2)
+    got = consistency_mse(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(valid))
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+    assert float(total_loss(1.0, 2.0, 3.0, 0.5, 2.0)) == 1.0 + 0.5 * 2.0 + 2.0 * 3.0  # eq. 8
+
+
+def _transforms(batch, flip, rotations, scale, noise=0.0):
+    return {"flip": jnp.asarray(flip), "rotations": jnp.asarray(rotations, jnp.int32),
+            "scale": jnp.asarray(scale, jnp.float32), "noise_std": jnp.full((batch,), noise, jnp.float32),
+            "noise_key": jax.random.split(jax.random.key(0), batch)}
+
+
+def test_flips_and_rotations_are_exact_and_invert_exactly():
+    maps = np.random.default_rng(3).uniform(size=(8, 12, 12, 3)).astype(np.float32)
+    flips = [False, True] * 4
+    rotations = [0, 0, 1, 1, 2, 2, 3, 3]
+    transforms = _transforms(8, flips, rotations, [1.0] * 8)
+    augmented = np.asarray(aug.augment(jnp.asarray(maps), transforms))
+    for i in range(8):
+        reference = maps[i][:, ::-1] if flips[i] else maps[i]
+        candidates = [np.rot90(reference, k) for k in range(4)]
+        matches = [k for k, c in enumerate(candidates) if np.array_equal(c, augmented[i])]
+        assert matches and (matches == [0]) == (rotations[i] == 0), (i, matches)
+    restored, inside = aug.restore(jnp.asarray(augmented), transforms)
+    np.testing.assert_array_equal(np.asarray(restored), maps)
+    assert bool(jnp.all(inside))
+
+
+def test_scaling_inverts_exactly_where_invertible():
+    """Bilinear resampling is exact for maps linear in the coordinates, so augment then restore is
+    the identity on every pixel the augmented view covers."""
+    rows, cols = np.meshgrid(np.arange(16.0), np.arange(16.0), indexing="ij")
+    ramp = np.stack([0.02 * rows + 0.01 * cols + 0.1, 0.5 - 0.01 * rows + 0.02 * cols], -1).astype(np.float32)
+    maps = np.repeat(ramp[None], 4, axis=0)
+    transforms = _transforms(4, [False, True, False, True], [0, 1, 2, 3], [0.8, 1.25, 1.1, 0.9])
+    restored, inside = aug.restore(aug.augment(jnp.asarray(maps), transforms), transforms)
+    inside = np.asarray(inside)
+    assert inside.mean() > 0.5 and not inside.all()  # zoom-in loses the border
+    np.testing.assert_allclose(np.asarray(restored)[inside], maps[inside], atol=1e-5)
+
+
+def test_sampled_transforms_probability_and_noise():
+    transforms = aug.sample_transforms(jax.random.key(1), 4000)
+    for name, off in (("flip", False), ("rotations", 0), ("scale", 1.0), ("noise_std", 0.0)):
+        applied = np.mean(np.asarray(transforms[name]) != off)
+        assert 0.45 < applied < 0.55, (name, applied)
+    images = jnp.full((2, 8, 8, 3), 0.5)
+    noisy = aug.augment(images, _transforms(2, [False, False], [0, 0], [1.0, 1.0], noise=0.1))
+    assert 0.05 < float(jnp.std(noisy - images)) < 0.15
+
+
+def _tiny_batch(rng):
+    return {"source_images": rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8),
+            "source_masks": rng.uniform(size=(2, 2, 64, 64)) < 0.2,
+            "target_images": rng.integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8),
+            "target_labels": rng.integers(-1, 2, (1, 2, 64, 64)).astype(np.int32)}
+
+
+def test_backbones_frozen_bitwise_and_outside_the_gradient():
+    config = tiny.get_config()
+    model = build_model(config, 2, 1)
+    before = jax.tree.map(np.array, nnx.state(model, FROZEN))
+    mesh = make_mesh(jax.devices()[:1])
+    trainer = TrainStep(model, make_optimizer(1e-2, 1, 10), mesh)
+    state = trainer.init_state(0)
+    initial = jax.tree.map(np.array, state["trainable"])
+    # Nothing frozen is in the differentiated/optimized state.
+    flat = nnx.to_flat_state(state["trainable"])
+    assert not any({"hiera", "dinov2"} & set(map(str, path)) for path, _ in flat)
+    batch = jax.device_put(_tiny_batch(np.random.default_rng(0)), batch_sharding(mesh))
+    for phase in (1, 2, 2):
+        state, metrics = trainer(state, batch, phase)
+        assert np.isfinite(float(metrics["loss"]))
+    after = jax.tree.map(np.array, trainer.frozen)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(x, y)
+    changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(initial),
+                                                         jax.tree.leaves(jax.tree.map(np.array, state["trainable"])))]
+    assert all(changed)  # adapters, projections and every head moved
+    # The differentiated function never reads a backbone parameter: after dead-code elimination
+    # of the gradient's jaxpr, every frozen input is unused (the backbones run before it).
+    from jax._src.interpreters import partial_eval as pe
+
+    images, transforms = trainer._step_images(batch, jax.random.key(0), 2)
+    backbone = trainer.model(state).encoder.backbone_features(images)
+    closed = jax.make_jaxpr(lambda t, f: jax.grad(lambda tt: trainer._losses(
+        tt, state["batch_stats"], f, backbone, batch, transforms, 2)[0])(t))(state["trainable"], trainer.frozen)
+    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+    n_trainable = len(jax.tree.leaves(state["trainable"]))
+    assert len(used) == n_trainable + len(jax.tree.leaves(trainer.frozen))
+    assert not any(used[n_trainable:])
+    assert any(used[:n_trainable])
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
+    from nexvitad_jax.data import open_dataset
+
+    config = tiny.get_config()
+    config.learning_rate = 1e38  # Adam steps of ~1e38 overflow the next forward pass
+    config.warmup_steps = 0
+    dataset = open_dataset("synthetic", image_size=64)
+    with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf|-inf) at step (\d+).*last good checkpoint is step"):
+        train(config, dataset, ["bottle", "cable"], ["hazelnut"], tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(np.isfinite(r["loss"]) for r in records)
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept and kept[-1] == records[-1]["step"]
+
+
+def test_training_input_errors(tmp_path):
+    from nexvitad_jax.data import open_dataset
+
+    dataset = open_dataset("synthetic", image_size=64)
+    with pytest.raises(UserInputError, match="source and target"):
+        train(tiny.get_config(), dataset, [], ["hazelnut"], tmp_path)
+    config = tiny.get_config()
+    config.phase1_epochs = 5
+    with pytest.raises(UserInputError, match="phase1_epochs"):
+        train(config, dataset, ["bottle"], ["hazelnut"], tmp_path)
