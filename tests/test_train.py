@@ -152,6 +152,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     config = tiny.get_config()
     config.learning_rate = 1e38  # Adam steps of ~1e38 overflow the next forward pass
     config.warmup_steps = 0
+    config.epochs, config.phase1_epochs, config.steps_per_epoch = 1, 1, 3  # phase 1 only: one compile
     dataset = open_dataset("synthetic", image_size=64)
     with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf|-inf) at step (\d+).*last good checkpoint is step"):
         train(config, dataset, ["bottle", "cable"], ["hazelnut"], tmp_path, progress=False)
