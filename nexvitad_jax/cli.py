@@ -13,6 +13,11 @@ from nexvitad_jax.errors import UserInputError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
+    "run": ("nexvitad_jax.pipeline:main", "the main job: train, adapt, memory-bank inference, evaluate, report"),
+    "score": ("nexvitad_jax.inference.command:main", "memory-bank anomaly maps and image scores for a folder of images"),
+    "evaluate": ("nexvitad_jax.metrics.command:main", "metrics of anomaly maps saved as .npz (scores, masks[, image_scores])"),
+    "data": ("nexvitad_jax.data.command:main", "inspect, prepare (decode once into the cache) or look at a dataset"),
+    "convert": ("converters.__main__:main", "convert PyTorch Hiera/DINOv2 checkpoints to Flax (orbax + config.json)"),
 }
 
 

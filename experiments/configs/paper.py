@@ -28,4 +28,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.steps_per_epoch = 0  # 0: one pass over the largest source class
     config.warmup_steps = 500
     config.checkpoint_every = 500
+    config.k = 30
     return config

@@ -30,4 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.lambda2 = 1.0
     config.checkpoint_every = 1
     config.augmentation = dict(probability=0.5, scale_range=(0.8, 1.25), noise_std=0.05)
+    # Memory-bank inference (section 3.2). At 64 px the last layer has 2 x 2 patches per image, so
+    # the M = 4 bank images give 16 points there: K must stay below that.
+    config.k = 8
+    config.sigma = 2.0
+    config.bank_features = "interleaved"  # or "hiera-adapted", "dino-projected"
+    config.bank_layers = (0, 1, 2, 3)
+    config.kmeans = dict(max_iters=100)
+    config.eval_batch_size = 8
     return config
