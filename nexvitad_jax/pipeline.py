@@ -33,7 +33,7 @@ from flax import nnx
 
 from nexvitad_jax.errors import UserInputError
 
-DEFAULT_CONFIG = "experiments.configs.tiny"
+DEFAULT_CONFIG = "experiments.configs.demo"
 METHODS = ("memory_bank", "decoder")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pro_iou", "aupro", "pixel_f1max")
 IMAGE_METRICS = ("image_auroc",)
@@ -44,7 +44,7 @@ RESULT_FORMAT_VERSION = 1
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()):
-    """`get_config()` of a config file (default: the tiny config), then `key=value` overrides
+    """`get_config()` of a config file (default: experiments/configs/demo.py), then `key=value` overrides
     (values are Python literals: `epochs=4`, `decoder_channels=(32,16,8)`, `hiera_checkpoint="dir"`)."""
     if path is None:
         module = importlib.import_module(DEFAULT_CONFIG)
@@ -407,7 +407,7 @@ def _fmt(value) -> str:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every protocol script shares (`nexvitad run` and experiments/)."""
     parser.add_argument("--config", default=None,
-                        help="config file with get_config() (default: experiments/configs/tiny.py)")
+                        help="config file with get_config() (default: experiments/configs/demo.py)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable), e.g. --set epochs=4")
     parser.add_argument("--data", default="synthetic",
