@@ -246,7 +246,14 @@ class RunSpec:
         return int(self.config.seed if self.seed is None else self.seed)
 
 
+def _writes_outputs() -> bool:
+    """On several hosts every process computes the same results; process 0 writes them."""
+    return jax.process_index() == 0
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    if not _writes_outputs():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -254,6 +261,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
+    if not _writes_outputs():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
     np.savez(tmp, **arrays)
@@ -358,8 +367,9 @@ def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print)
                           image_scores=maps[f"{method}_image_scores"], labels=test.labels)
         from nexvitad_jax.report import heatmap_grid
 
-        heatmap_grid(workdir / "heatmaps" / f"{category}.png", category, test,
-                     {method: maps[method] for method in spec.methods})
+        if _writes_outputs():
+            heatmap_grid(workdir / "heatmaps" / f"{category}.png", category, test,
+                         {method: maps[method] for method in spec.methods})
         per_class[category] = class_metrics
         _atomic_write(result_path, json.dumps({"metrics": class_metrics, "timings": class_timings,
                                                "n_test": len(test), "n_anomalous": int(test.labels.sum())},
@@ -414,6 +424,22 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'synthetic' (default), an MVTec AD folder or the official .tar.xz archive")
 
 
+def initialize_distributed() -> None:
+    """Multi-host runs: every host starts the same command with JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under SLURM, which jax detects itself); each process
+    then feeds its shard of the training batch. A single host needs nothing."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        try:
+            count, index = int(os.environ["JAX_NUM_PROCESSES"]), int(os.environ["JAX_PROCESS_ID"])
+        except (KeyError, ValueError) as error:
+            raise UserInputError(f"JAX_COORDINATOR_ADDRESS={address} is set: JAX_NUM_PROCESSES and JAX_PROCESS_ID "
+                                 f"must be integers too ({error})") from None
+        jax.distributed.initialize(address, num_processes=count, process_id=index)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nexvitad run", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -429,6 +455,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
+    initialize_distributed()
     spec = RunSpec(config, data=args.data, split=args.split, target=args.target, seed=args.seed,
                    methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     results = run(spec, args.workdir, progress=not args.no_progress,
