@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -85,10 +86,14 @@ def protocol_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, 
 def execute_pipeline(workdir: Path, progress: bool, *, config, data: str, split: str, seed: int,
                      methods: Sequence[str]) -> dict[str, Any]:
     """One `nexvitad run` (its metrics.json without the config, which the run's record holds)."""
-    from nexvitad_jax.pipeline import RunSpec, run
+    from nexvitad_jax.pipeline import RANDOM_BACKBONE_NOTICE, RunSpec, run
+
+    def log(message: str) -> None:  # the aggregate says it once; the rest goes to stderr
+        if message != RANDOM_BACKBONE_NOTICE:
+            print(f"  {message}", file=sys.stderr, flush=True)
 
     spec = RunSpec(config, data=data, split=split, seed=seed, methods=tuple(methods))
-    results = run(spec, workdir, progress=progress, log=lambda message: None)
+    results = run(spec, workdir, progress=progress, log=log)
     return {key: value for key, value in results.items() if key != "config"}
 
 
@@ -164,6 +169,8 @@ def stats_table(groups: Sequence[dict[str, Any]], by: Sequence[str], statistic: 
 
 
 def summary_markdown(groups: Sequence[dict[str, Any]], by: Sequence[str]) -> str:
+    if all(len(group["seeds"]) == 1 for group in groups):
+        return "## One seed per group, %\n\n" + stats_table(groups, by, "best") + "\n"
     return ("## Best over seeds (the paper reports the best), %\n\n" + stats_table(groups, by, "best")
             + "\n## Mean ± std over seeds, %\n\n" + stats_table(groups, by, "mean") + "\n")
 

@@ -104,7 +104,8 @@ def read_record(out: Path, run: Run) -> dict[str, Any] | None:
 
         current = {"params": run.params, "config": config_dict(run.config)}
         saved = {"params": record.get("params"), "config": record.get("config")}
-        differences = describe_differences(saved, json.loads(json.dumps(current, default=str)))
+        differences = [line.replace("the saved detector", "the saved result")
+                       for line in describe_differences(saved, json.loads(json.dumps(current, default=str)))]
         raise UserInputError(f"{path} holds a result of another run (differences: "
                              f"{'; '.join(differences) or 'format'}); use a new --out, or delete it to recompute")
     return record
