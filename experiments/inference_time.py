@@ -5,7 +5,8 @@ Latency of one batch = host images -> device, the encoder's features F_1..F_4 (t
 extraction the paper counts in), nearest-prototype distances on every layer, upsampling, averaging,
 Gaussian smoothing and image scores, until the results are ready (`block_until_ready`). Each
 (batch, K) is the median of --repeats calls after --warmup calls (compilation happens in the
-warm-up); the feature extraction alone and the maps alone are timed the same way. The model is the
+warm-up), the K values taking turns within each repeat; the feature extraction alone and the maps
+alone are timed the same way. The model is the
 config's NexViTAD with its adapters and heads at initialization (converted backbones when the
 config names them; latency does not depend on the weights' values). The prototypes are fitted with
 one `sweep_k` per layer on every train/good image of --category (all of them, so the small tiny-config
@@ -39,19 +40,23 @@ DEFAULT_BATCHES = (1, 5, 10, 15)
 DEFAULT_KS = (5, 10, 20, 30, 40)
 
 
-def latency_ms(call: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
-    """Median (and 10th / 90th percentile) wall milliseconds of `call()` until its outputs are ready."""
+def latencies_ms(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Per named call: median (and 10th / 90th percentile) wall milliseconds until its outputs are
+    ready. The calls take turns within each repeat, so a load change on a shared machine hits them
+    all alike instead of whichever was being timed."""
     import jax
 
     for _ in range(warmup):
-        jax.block_until_ready(call())
-    times = []
+        for call in calls.values():
+            jax.block_until_ready(call())
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(1e3 * (time.perf_counter() - began))
-    return {"median": float(np.median(times)), "p10": float(np.percentile(times, 10)),
-            "p90": float(np.percentile(times, 90)), "repeats": repeats}
+        for name, call in calls.items():
+            began = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(1e3 * (time.perf_counter() - began))
+    return {name: {"median": float(np.median(t)), "p10": float(np.percentile(t, 10)),
+                   "p90": float(np.percentile(t, 90)), "repeats": repeats} for name, t in times.items()}
 
 
 def execute(workdir: Path, progress: bool, *, config, data: str, category: str | None, batch: int,
@@ -83,41 +88,56 @@ def execute(workdir: Path, progress: bool, *, config, data: str, category: str |
     size = tuple(images.shape[1:3])
     sigma = float(config.get("sigma", 2.0))
     features = extractor(jnp.asarray(images))
-    result = {"category": category, "batch": batch, "bank_images": len(normal), "capped": cap_lines(ks, layers),
-              "extract_ms": latency_ms(lambda: extractor(jnp.asarray(images)), warmup, repeats), "per_k": {}}
+    calls = {"extract": lambda: extractor(jnp.asarray(images))}
     for k in ks:
-        def total(k=k):
-            return anomaly_maps(extractor(jnp.asarray(images)), prototypes[k], image_size=size, sigma=sigma)
-
-        maps_only = functools.partial(anomaly_maps, features, prototypes[k], image_size=size, sigma=sigma)
-        result["per_k"][str(k)] = {"total_ms": latency_ms(total, warmup, repeats),
-                                   "maps_ms": latency_ms(maps_only, warmup, repeats)}
+        calls[f"total {k}"] = lambda k=k: anomaly_maps(extractor(jnp.asarray(images)), prototypes[k], image_size=size,
+                                                       sigma=sigma)
+        calls[f"maps {k}"] = functools.partial(anomaly_maps, features, prototypes[k], image_size=size, sigma=sigma)
+    timings = latencies_ms(calls, warmup, repeats)
+    result = {"category": category, "batch": batch, "bank_images": len(normal), "capped": cap_lines(ks, layers),
+              "extract_ms": timings["extract"],
+              "per_k": {str(k): {"total_ms": timings[f"total {k}"], "maps_ms": timings[f"maps {k}"]} for k in ks}}
     result["device"] = {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
                         "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}
     return result
 
 
+def _grid(records: Sequence[dict], ks: Sequence[int], cell) -> str:
+    """Markdown: one row per batch size, features-only then one column per K; `cell(result, k)` with
+    k None for the features-only column."""
+    lines = ["| batch | features only | " + " | ".join(f"K={k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 2)]
+    for record in records:
+        cells = [cell(record["result"], None)] + [cell(record["result"], str(k)) for k in ks]
+        lines.append(f"| {record['params']['batch']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def aggregate(records: list[dict]) -> tuple[dict, str]:
     records = sorted(records, key=lambda record: record["params"]["batch"])
     ks = records[0]["params"]["ks"]
+
+    def total(statistic):
+        return lambda result, k: f"{(result['extract_ms'] if k is None else result['per_k'][k]['total_ms'])[statistic]:.1f}"
+
+    def maps(result, k):
+        return "-" if k is None else f"{result['per_k'][k]['maps_ms']['median']:.2f}"
+
     rows = [{"batch": r["params"]["batch"], "extract_ms": r["result"]["extract_ms"]["median"],
              "total_ms": {k: r["result"]["per_k"][str(k)]["total_ms"]["median"] for k in ks},
              "maps_ms": {k: r["result"]["per_k"][str(k)]["maps_ms"]["median"] for k in ks}} for r in records]
-    header = "| batch | features only | " + " | ".join(f"K={k}" for k in ks) + " |\n|" + "---|" * (len(ks) + 2) + "\n"
-    table = header + "".join(f"| {row['batch']} | {row['extract_ms']:.1f} | "
-                             + " | ".join(f"{row['total_ms'][k]:.1f}" for k in ks) + " |\n" for row in rows)
-    maps = header.replace("features only", "-") + "".join(
-        f"| {row['batch']} | - | " + " | ".join(f"{row['maps_ms'][k]:.2f}" for k in ks) + " |\n" for row in rows)
     capped = sorted({line for r in records for line in r["result"]["capped"]})
     device = records[0]["result"]["device"]
     loads = [r["result"]["device"]["load_average"][0] for r in records]
-    markdown = (f"Median latency per batch (ms) on {device['count']} {device['kind']} device(s) "
+    markdown = (f"Latency per batch (ms) on {device['count']} {device['kind']} device(s) "
                 f"({device['cpu_count']} CPU cores; 1-minute load average {min(loads):.1f}..{max(loads):.1f} "
-                f"during the runs); {records[0]['params']['repeats']} repeats after "
+                f"at the end of the runs); {records[0]['params']['repeats']} repeats after "
                 f"{records[0]['params']['warmup']} warm-up calls. K prototypes per layer"
                 + (f", capped where a layer's bank is smaller: {'; '.join(capped)}" if capped else "") + ".\n\n"
-                "## Total: features + memory-bank maps and scores (the paper's Fig. 9), ms\n\n" + table
-                + "\n## Memory-bank maps and scores alone (features given), ms\n\n" + maps)
+                "## Total: features + memory-bank maps and scores (the paper's Fig. 9), median, ms\n\n"
+                + _grid(records, ks, total("median"))
+                + "\n## Total, 10th percentile (less exposed to other load on the machine), ms\n\n"
+                + _grid(records, ks, total("p10"))
+                + "\n## Memory-bank maps and scores alone (features given), median, ms\n\n" + _grid(records, ks, maps))
     return {"ks": ks, "rows": rows, "capped": capped, "device": device}, markdown
 
 
@@ -152,7 +172,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"prototypes per layer (default {','.join(map(str, DEFAULT_KS))})")
     parser.add_argument("--category", default=None, help="class whose images are used (default: the first)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls; the median is reported (default 20)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported (default 50)")
 
 
 if __name__ == "__main__":
