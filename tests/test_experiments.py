@@ -23,6 +23,7 @@ from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.pipeline import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO_ROOT / "experiments" / "configs" / "tiny.py"
 METRICS = ("pixel_auroc", "pixel_ap", "pro_iou", "aupro", "image_auroc")
 
 
@@ -107,7 +108,7 @@ def test_runner_refuses_results_of_another_config(tmp_path):
 
 
 def _args(**changes) -> argparse.Namespace:
-    values = dict(config=None, overrides=[], data="synthetic", splits="11/1,10/2", seeds=3)
+    values = dict(config=str(TINY_CONFIG), overrides=[], data="synthetic", splits="11/1,10/2", seeds=3)
     return argparse.Namespace(**(values | changes))
 
 
@@ -139,7 +140,8 @@ def test_aggregation_matches_numpy(tmp_path, module, variants, capsys):
     sweep = module.build(_args())
     assert len(sweep.runs) == 2 * 3 * len(variants)
     expected = _write_pipeline_results(tmp_path, sweep, np.random.default_rng(0))
-    argv = ["--out", str(tmp_path), "--splits", "11/1,10/2", "--seeds", "3", "--aggregate-only"]
+    argv = ["--config", str(TINY_CONFIG), "--out", str(tmp_path), "--splits", "11/1,10/2", "--seeds", "3",
+            "--aggregate-only"]
     assert main(module.build, argv, module.__doc__, module.arguments) == 0
     aggregate = json.loads((tmp_path / f"{sweep.name}.json").read_text())
     assert aggregate["missing"] == []
@@ -192,13 +194,16 @@ def test_protocol_arguments_are_checked():
     # Variants change the config on top of --set; the seed is the run's.
     runs = ablation_decoder.build(_args(overrides=["lambda1=0.5"], seeds=1, splits="11/1")).runs
     assert [(r.config.lambda1, r.config.lambda2, r.config.seed) for r in runs] == [(0.5, 1.0, 0), (0.0, 0.0, 0)]
-    assert load_config(None).lambda1 == 1.0
+    assert load_config(TINY_CONFIG).lambda1 == 1.0
 
 
 # ----------------------------------------------------------------------------- a killed sweep
 
 
-TINY = ["--splits", "2/1", "--seeds", "2", "--set", "steps_per_epoch=1", "--no-progress"]
+# Two tiny runs; phase 1 only and a one-layer memory bank halve the compilation, and the resume
+# machinery is the same (training checkpoints, then per-class results).
+TINY = ["--config", str(TINY_CONFIG), "--splits", "2/1", "--seeds", "2", "--no-progress",
+        *(f"--set={item}" for item in ("epochs=1", "phase1_epochs=1", "steps_per_epoch=2", "bank_layers=(3,)"))]
 
 
 def _table1(out: Path, cache: Path) -> subprocess.Popen:
