@@ -9,7 +9,17 @@ a scanned layer once, so it cannot serve), giving MFU on accelerators.
     python benchmarks/backbones.py --quick    # seconds: small batch, dinov2-small + hiera-tiny, fp32
     python benchmarks/backbones.py --device-bench   # GPU: bf16, batch 64 and 256, eager + torch.compile, MFU
 
-Results: benchmarks/results/backbones.json (or --out).
+Results: benchmarks/results/backbones.json (or --out). On a shared CPU, pin with `--threads 1` and
+read the `*_cpu_time` ratios (process CPU time; see `time_side_by_side`) next to the wall ratios.
+
+XLA flags: the benchmark sets none; it records `XLA_FLAGS` from the environment. XLA:CPU hands dots,
+reductions and elementwise ops to YNNPACK by default; on the AVX-512 CPU measured here XLA's own
+(Eigen) path is faster for these models in fp32, because YNNPACK's fusions of the attention transposes
+and of Hiera's query max-pool run slower than plain ops. Turning it off is an ordinary user setting
+(an empty list of YNNPACK fusion types), measured separately:
+
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python benchmarks/backbones.py --threads 1 \
+        --dtypes float32 --out benchmarks/results/backbones_xla_ynn_off.json
 """
 
 from __future__ import annotations
@@ -121,15 +131,24 @@ def torch_call(torch_model, family: str):
     return call
 
 
-def time_side_by_side(runners: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each runner, alternating runners every round."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
+def time_side_by_side(runners: dict, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall seconds and median process CPU seconds per call of each runner, alternating
+    runners every round.
+
+    On a shared machine the wall time of a pinned process includes the time other processes hold
+    its core, which swings the wall ratio by +-10% between runs; the process CPU time (all threads)
+    counts only the work done, so its ratio is the stable one there. On a quiet machine with one
+    core per thread the two agree. (With several threads, spin-waiting workers count as CPU time.)"""
+    wall: dict[str, list[float]] = {name: [] for name in runners}
+    cpu: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
-            start = time.perf_counter()
+            start_cpu, start = time.process_time(), time.perf_counter()
             run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    median = lambda times: {name: statistics.median(values) for name, values in times.items()}
+    return median(wall), median(cpu)
 
 
 def bench_model(name: str, dtype: str, batch: int, rounds: int, device: str, compile_torch: bool) -> dict:
@@ -157,7 +176,7 @@ def bench_model(name: str, dtype: str, batch: int, rounds: int, device: str, com
         run()
         run()
     warmup_s = time.perf_counter() - compile_start
-    seconds = time_side_by_side(runners, rounds)
+    seconds, cpu_seconds = time_side_by_side(runners, rounds)
 
     flops = FLOP_COUNTERS[family](config)
     result = {"model": name, "dtype": dtype, "batch": batch, "image_size": IMAGE_SIZE, "rounds": rounds,
@@ -167,6 +186,12 @@ def bench_model(name: str, dtype: str, batch: int, rounds: int, device: str, com
     for runner in seconds:
         if runner != "jax":
             result[f"jax_over_{runner}"] = round(seconds[runner] / seconds["jax"], 3)
+    if device == "cpu":
+        for runner, secs in cpu_seconds.items():
+            result[f"{runner}_images_per_cpu_s"] = round(batch / secs, 3)
+        for runner in cpu_seconds:
+            if runner != "jax":
+                result[f"jax_over_{runner}_cpu_time"] = round(cpu_seconds[runner] / cpu_seconds["jax"], 3)
     if device == "cuda":
         peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None)
         if peak:
@@ -183,7 +208,8 @@ def environment(device: str) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "jax": jax.__version__,
             "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "cpu_cores_used": len(os.sched_getaffinity(0)),
-            "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()], "device": device}
+            "load_average_1_5_15": [round(v, 2) for v in os.getloadavg()], "device": device,
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
