@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nexvitad_jax.compilation import fast_compile_options, initialize
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.models.nexvitad import NexViTAD
 from nexvitad_jax.train.checkpoints import Checkpoints
@@ -28,6 +29,7 @@ from nexvitad_jax.train.losses import IGNORE
 from nexvitad_jax.train.step import LossWeights, TrainStep, batch_sharding, make_mesh, make_optimizer, replicated
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_BACKBONES = ("hiera", "dinov2")
 
 
 class TrainingDiverged(RuntimeError):
@@ -45,24 +47,36 @@ class TrainResult:
 
 
 def build_model(config, num_source: int, num_target: int) -> NexViTAD:
-    """The NexViTAD model of a config: backbones from converted checkpoints or random (tiny) ones."""
+    """The NexViTAD model of a config: backbones from converted checkpoints or random (tiny) ones;
+    the random parameters are drawn by one compiled program (`initialize`)."""
     from nexvitad_jax.models import build_backbone, load_backbone
 
     dtype = _DTYPES[config.get("dtype", "float32")]
-    rngs = nnx.Rngs(int(config.seed))
-    backbones = {}
-    for family in ("hiera", "dinov2"):
-        checkpoint = config.get(f"{family}_checkpoint", None)
-        if checkpoint:
-            backbones[family] = load_backbone(checkpoint, dtype=dtype)[0]
-        else:
-            spec = config[family]
-            spec = spec.to_dict() if hasattr(spec, "to_dict") else spec
-            backbones[family] = build_backbone(family, spec, rngs=rngs, dtype=dtype)
-    return NexViTAD(backbones["hiera"], backbones["dinov2"], num_source, num_target,
-                    shared_source_head=bool(config.shared_source_head),
-                    decoder_channels=tuple(config.decoder_channels),
-                    pseudo_label_hidden=tuple(config.pseudo_label_hidden), dtype=dtype, rngs=rngs)
+    loaded = {family: load_backbone(config.get(f"{family}_checkpoint"), dtype=dtype)[0]
+              for family in _BACKBONES if config.get(f"{family}_checkpoint", None)}
+
+    def create() -> NexViTAD:
+        rngs = nnx.Rngs(int(config.seed))
+        backbones = {}
+        for family in _BACKBONES:
+            if family in loaded:
+                # A stand-in of the same shape, replaced by the loaded backbone below; it draws from
+                # its own Rngs, so the heads get the keys they would get without it.
+                backbones[family] = build_backbone(family, loaded[family].config, rngs=nnx.Rngs(0), dtype=dtype)
+            else:
+                spec = config[family]
+                spec = spec.to_dict() if hasattr(spec, "to_dict") else spec
+                backbones[family] = build_backbone(family, spec, rngs=rngs, dtype=dtype)
+        return NexViTAD(backbones["hiera"], backbones["dinov2"], num_source, num_target,
+                        shared_source_head=bool(config.shared_source_head),
+                        decoder_channels=tuple(config.decoder_channels),
+                        pseudo_label_hidden=tuple(config.pseudo_label_hidden), dtype=dtype, rngs=rngs)
+
+    stand_ins = nnx.Any(*(nnx.PathContains(family) for family in loaded)) if loaded else nnx.Nothing
+    model = initialize(create, placeholders=stand_ins)
+    for family, module in loaded.items():
+        setattr(model.encoder, family, module)
+    return model
 
 
 def load_training_data(dataset, source: list[str], target: list[str], few_shot: int, seed: int):
@@ -115,7 +129,8 @@ def train(config, dataset, source: list[str], target: list[str], workdir: str | 
     model = build_model(config, len(source), len(target))
     trainer = TrainStep(model, make_optimizer(float(config.learning_rate), int(config.warmup_steps), total_steps),
                         mesh, weights=LossWeights(float(config.lambda1), float(config.lambda2)),
-                        augmentation=dict(config.get("augmentation", {})))
+                        augmentation=dict(config.get("augmentation", {})),
+                        compiler_options=fast_compile_options() if config.get("fast_compile", False) else None)
     state = trainer.init_state(seed)
     # Global (every process holds the same values) replicated arrays, so multi-host jit and orbax accept them.
     everywhere = replicated(mesh)

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nexvitad_jax.compilation import fast_compile_options
 from nexvitad_jax.models.nexvitad import TRAINABLE, NexViTAD, normalize
 from nexvitad_jax.train import augment as augment_lib
 from nexvitad_jax.train.losses import IGNORE, consistency_mse, cross_entropy, pseudo_labels, total_loss
@@ -63,7 +64,9 @@ class TrainStep:
     """Holds the graph and the frozen state; `init_state()` makes the train state, `__call__` steps."""
 
     def __init__(self, model: NexViTAD, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                 weights: LossWeights = LossWeights(), augmentation: dict[str, Any] | None = None):
+                 weights: LossWeights = LossWeights(), augmentation: dict[str, Any] | None = None,
+                 compiler_options: dict[str, Any] | None = None):
+        """`compiler_options`: XLA options of the step programs (e.g. `fast_compile_options()`)."""
         self.graphdef, trainable, batch_stats, frozen = nnx.split(model, TRAINABLE, nnx.BatchStat, ...)
         self.optimizer = optimizer
         self.mesh = mesh
@@ -76,16 +79,20 @@ class TrainStep:
         self._step = {
             phase: jax.jit(functools.partial(self._train_step, phase=phase),
                            in_shardings=(state_sharding, state_sharding, data), out_shardings=(state_sharding, state_sharding),
-                           donate_argnums=(0,))
+                           donate_argnums=(0,), compiler_options=compiler_options)
             for phase in (1, 2)}
         # The few-shot target set is small and every process holds all of it: replicated.
-        self._pseudo_labels = jax.jit(self._pseudo_labels_fn, out_shardings=state_sharding)
+        self._pseudo_labels = jax.jit(self._pseudo_labels_fn, out_shardings=state_sharding,
+                                      compiler_options=compiler_options)
 
     def init_state(self, seed: int) -> dict[str, Any]:
-        trainable, batch_stats = self._initial
-        state = {"trainable": trainable, "batch_stats": batch_stats, "opt_state": self.optimizer.init(trainable),
-                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
-        return jax.device_put(state, replicated(self.mesh))
+        trainable, batch_stats = jax.device_put(self._initial, replicated(self.mesh))
+        # One program for the optimizer state (eagerly, each leaf shape compiles its own zeros).
+        opt_state = jax.jit(self.optimizer.init, out_shardings=replicated(self.mesh),
+                            compiler_options=fast_compile_options())(trainable)
+        rest = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed))}
+        return {"trainable": trainable, "batch_stats": batch_stats, "opt_state": opt_state,
+                **jax.device_put(rest, replicated(self.mesh))}
 
     def model(self, state: dict[str, Any]) -> NexViTAD:
         """The nnx model with the state's parameters and statistics in place."""
