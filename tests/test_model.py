@@ -11,20 +11,18 @@ import torch
 from flax import nnx
 from scipy.special import erf
 
-from nexvitad_jax.models import build_backbone, normalize_images
+from nexvitad_jax.models import normalize_images
 from nexvitad_jax.models.decoder import SegmentationHead
 from nexvitad_jax.models.encoder import Adapter, interleave_features, resize_bilinear
 from nexvitad_jax.models.nexvitad import FROZEN, TRAINABLE, NexViTAD
+from nexvitad_jax.train.loop import build_model
 from experiments.configs import tiny
 
 
 def tiny_model(num_source=2, num_target=2, shared=False) -> NexViTAD:
     config = tiny.get_config()
-    rngs = nnx.Rngs(0)
-    return NexViTAD(build_backbone("hiera", config.hiera.to_dict(), rngs=rngs),
-                    build_backbone("dinov2", config.dinov2.to_dict(), rngs=rngs), num_source, num_target,
-                    shared_source_head=shared, decoder_channels=tuple(config.decoder_channels),
-                    pseudo_label_hidden=tuple(config.pseudo_label_hidden), rngs=rngs)
+    config.shared_source_head = shared
+    return build_model(config, num_source, num_target)  # the tiny Hiera/DINOv2, one compiled init
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +48,30 @@ def test_interleave_alternates_channels():
     np.testing.assert_array_equal(out, expected.astype(np.float32))
 
 
+def numpy_adapter(adapter: Adapter, x: np.ndarray) -> np.ndarray:
+    """Eq. 1 in numpy: GELU(x W_down + b_down) W_up + b_up + x, exact GELU."""
+    hidden = x @ np.asarray(adapter.down.kernel) + np.asarray(adapter.down.bias)
+    gelu = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
+    return gelu @ np.asarray(adapter.up.kernel) + np.asarray(adapter.up.bias) + x
+
+
 def test_adapter_is_eq1_with_exact_gelu():
     adapter = Adapter(8, rngs=nnx.Rngs(3))
     assert adapter.down.kernel.shape == (8, 2)  # r = d / 4
     x = np.random.default_rng(2).normal(size=(2, 4, 4, 8)).astype(np.float32)
-    hidden = x @ np.asarray(adapter.down.kernel) + np.asarray(adapter.down.bias)
-    gelu = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
-    expected = gelu @ np.asarray(adapter.up.kernel) + np.asarray(adapter.up.bias) + x
-    np.testing.assert_allclose(np.asarray(adapter(jnp.asarray(x))), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(adapter(jnp.asarray(x))), numpy_adapter(adapter, x), rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_composes_real_backbones(model):
     images = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 64, 64, 3)), jnp.float32)
-    features = model.encode(images)
-    normalized = normalize_images(images)
-    stages = model.encoder.hiera(normalized)
-    dino, _ = model.encoder.dinov2(normalized)
+
+    @nnx.jit  # one compilation for everything the test reads
+    def run(model, images):
+        normalized = normalize_images(images)
+        return (model.encode(images), model.encoder.hiera(normalized), model.encoder.dinov2(normalized)[0],
+                model.encode(images, kind="dino-projected"))
+
+    features, stages, dino, dino_only = run(model, images)
     assert [f.shape for f in features] == [(2, 16, 16, 16), (2, 8, 8, 32), (2, 4, 4, 64), (2, 2, 2, 128)]
     for n, (feature, stage) in enumerate(zip(features, stages)):
         adapter, projection = model.encoder.adapters[n], model.encoder.projections[n]
@@ -73,10 +79,9 @@ def test_encoder_composes_real_backbones(model):
                                                   size=stage.shape[1:3], mode="bilinear",
                                                   align_corners=False).permute(0, 2, 3, 1).numpy()
         projected = resized @ np.asarray(projection.kernel) + np.asarray(projection.bias)  # eq. 2
-        adapted = np.asarray(adapter(stage))
+        adapted = numpy_adapter(adapter, np.asarray(stage))  # eq. 1
         np.testing.assert_allclose(np.asarray(feature)[..., 0::2], adapted, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(feature)[..., 1::2], projected, rtol=1e-4, atol=1e-5)
-    dino_only = model.encode(images, kind="dino-projected")
     np.testing.assert_allclose(np.asarray(dino_only[1]), np.asarray(features[1])[..., 1::2], rtol=1e-6)
 
 
@@ -88,11 +93,13 @@ def test_stacked_heads_equal_each_head_alone(model):
                      for i, d in enumerate(dims))
     graphdef, state = nnx.split(model.source_heads.heads)
     state = jax.tree.map(jnp.array, state)  # a copy: the call below updates the model's variables
-    logits = model.source_logits(features, (64, 64), train=True)
+    # Jitted (nnx.jit writes the BatchNorm updates back to the modules): one compilation each.
+    logits = nnx.jit(lambda m, f: m.source_logits(f, (64, 64), train=True))(model, features)
     new_stats = nnx.state(model.source_heads.heads, nnx.BatchStat)
+    run_head = nnx.jit(lambda head, f: head(f, (64, 64), True))
     for head_index in range(2):
         head = nnx.merge(graphdef, jax.tree.map(lambda x: x[head_index], state))
-        alone = head(tuple(f[head_index] for f in features), (64, 64), True)
+        alone = run_head(head, tuple(f[head_index] for f in features))
         np.testing.assert_allclose(np.asarray(logits[head_index]), np.asarray(alone), rtol=1e-5, atol=1e-5)
         for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x: x[head_index], new_stats)),
                              jax.tree.leaves(nnx.state(head, nnx.BatchStat))):
@@ -102,7 +109,7 @@ def test_stacked_heads_equal_each_head_alone(model):
 
 def test_heads_shapes_partition_and_decoder_inference(model):
     images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 2, 64, 64, 3)), jnp.float32)
-    maps = model.segment_target(images)
+    maps = nnx.jit(lambda m, x: m.segment_target(x))(model, images)
     assert maps.shape == (2, 2, 64, 64) and bool(jnp.all((maps >= 0) & (maps <= 1)))
     trainable = nnx.state(model, TRAINABLE)
     frozen = nnx.state(model, FROZEN)
@@ -118,10 +125,11 @@ def test_heads_shapes_partition_and_decoder_inference(model):
 
 
 def test_shared_source_head_variant():
-    shared = tiny_model(num_source=3, num_target=1, shared=True)
+    shared = nnx.eval_shape(lambda: tiny_model(num_source=3, num_target=1, shared=True))  # shapes only
     assert shared.source_heads.count == 1
     features = tuple(jnp.ones((3, 2, 16 // 2 ** i, 16 // 2 ** i, d)) for i, d in enumerate((16, 32, 64, 128)))
-    assert shared.source_logits(features, (64, 64), train=False).shape == (3, 2, 64, 64, 2)
+    logits = nnx.eval_shape(lambda m, f: m.source_logits(f, (64, 64), train=False), shared, features)
+    assert logits.shape == (3, 2, 64, 64, 2)
 
 
 def test_segmentation_head_rejects_mismatched_widths():

@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from experiments.configs import tiny
+from nexvitad_jax.compilation import fast_compile_options
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.models.nexvitad import FROZEN
 from nexvitad_jax.train import augment as aug
@@ -58,6 +59,11 @@ def test_consistency_mse_is_eq7_over_labelled_pixels():
     assert float(total_loss(1.0, 2.0, 3.0, 0.5, 2.0)) == 1.0 + 0.5 * 2.0 + 2.0 * 3.0  # eq. 8
 
 
+# Jitted: one compilation per shape instead of one per operation (op-by-op dispatch).
+_augment = jax.jit(aug.augment)
+_restore = jax.jit(aug.restore)
+
+
 def _transforms(batch, flip, rotations, scale, noise=0.0):
     return {"flip": jnp.asarray(flip), "rotations": jnp.asarray(rotations, jnp.int32),
             "scale": jnp.asarray(scale, jnp.float32), "noise_std": jnp.full((batch,), noise, jnp.float32),
@@ -69,13 +75,13 @@ def test_flips_and_rotations_are_exact_and_invert_exactly():
     flips = [False, True] * 4
     rotations = [0, 0, 1, 1, 2, 2, 3, 3]
     transforms = _transforms(8, flips, rotations, [1.0] * 8)
-    augmented = np.asarray(aug.augment(jnp.asarray(maps), transforms))
+    augmented = np.asarray(_augment(jnp.asarray(maps), transforms))
     for i in range(8):
         reference = maps[i][:, ::-1] if flips[i] else maps[i]
         candidates = [np.rot90(reference, k) for k in range(4)]
         matches = [k for k, c in enumerate(candidates) if np.array_equal(c, augmented[i])]
         assert matches and (matches == [0]) == (rotations[i] == 0), (i, matches)
-    restored, inside = aug.restore(jnp.asarray(augmented), transforms)
+    restored, inside = _restore(jnp.asarray(augmented), transforms)
     np.testing.assert_array_equal(np.asarray(restored), maps)
     assert bool(jnp.all(inside))
 
@@ -87,19 +93,19 @@ def test_scaling_inverts_exactly_where_invertible():
     ramp = np.stack([0.02 * rows + 0.01 * cols + 0.1, 0.5 - 0.01 * rows + 0.02 * cols], -1).astype(np.float32)
     maps = np.repeat(ramp[None], 4, axis=0)
     transforms = _transforms(4, [False, True, False, True], [0, 1, 2, 3], [0.8, 1.25, 1.1, 0.9])
-    restored, inside = aug.restore(aug.augment(jnp.asarray(maps), transforms), transforms)
+    restored, inside = _restore(_augment(jnp.asarray(maps), transforms), transforms)
     inside = np.asarray(inside)
     assert inside.mean() > 0.5 and not inside.all()  # zoom-in loses the border
     np.testing.assert_allclose(np.asarray(restored)[inside], maps[inside], atol=1e-5)
 
 
 def test_sampled_transforms_probability_and_noise():
-    transforms = aug.sample_transforms(jax.random.key(1), 4000)
+    transforms = jax.jit(aug.sample_transforms, static_argnums=1)(jax.random.key(1), 4000)
     for name, off in (("flip", False), ("rotations", 0), ("scale", 1.0), ("noise_std", 0.0)):
         applied = np.mean(np.asarray(transforms[name]) != off)
         assert 0.45 < applied < 0.55, (name, applied)
     images = jnp.full((2, 8, 8, 3), 0.5)
-    noisy = aug.augment(images, _transforms(2, [False, False], [0, 0], [1.0, 1.0], noise=0.1))
+    noisy = _augment(images, _transforms(2, [False, False], [0, 0], [1.0, 1.0], noise=0.1))
     assert 0.05 < float(jnp.std(noisy - images)) < 0.15
 
 
@@ -115,15 +121,16 @@ def test_backbones_frozen_bitwise_and_outside_the_gradient():
     model = build_model(config, 2, 1)
     before = jax.tree.map(np.array, nnx.state(model, FROZEN))
     mesh = make_mesh(jax.devices()[:1])
-    trainer = TrainStep(model, make_optimizer(1e-2, 1, 10), mesh)
+    trainer = TrainStep(model, make_optimizer(1e-2, 1, 10), mesh, compiler_options=fast_compile_options())
     state = trainer.init_state(0)
     initial = jax.tree.map(np.array, state["trainable"])
     # Nothing frozen is in the differentiated/optimized state.
     flat = nnx.to_flat_state(state["trainable"])
     assert not any({"hiera", "dinov2"} & set(map(str, path)) for path, _ in flat)
     batch = jax.device_put(_tiny_batch(np.random.default_rng(0)), batch_sharding(mesh))
-    for phase in (1, 2, 2):
-        state, metrics = trainer(state, batch, phase)
+    # Phase 2 runs every loss term (phase 1's are a subset), so every head gets a gradient: one compilation.
+    for _ in range(2):
+        state, metrics = trainer(state, batch, 2)
         assert np.isfinite(float(metrics["loss"]))
     after = jax.tree.map(np.array, trainer.frozen)
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
@@ -131,19 +138,45 @@ def test_backbones_frozen_bitwise_and_outside_the_gradient():
     changed = [not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(initial),
                                                          jax.tree.leaves(jax.tree.map(np.array, state["trainable"])))]
     assert all(changed)  # adapters, projections and every head moved
-    # The differentiated function never reads a backbone parameter: after dead-code elimination
-    # of the gradient's jaxpr, every frozen input is unused (the backbones run before it).
+    # The differentiated function of either phase never reads a backbone parameter: after dead-code
+    # elimination of the gradient's jaxpr, every frozen input is unused (the backbones run before
+    # it). Traced on abstract values: nothing is compiled or run.
     from jax._src.interpreters import partial_eval as pe
 
-    images, transforms = trainer._step_images(batch, jax.random.key(0), 2)
-    backbone = trainer.model(state).encoder.backbone_features(images)
-    closed = jax.make_jaxpr(lambda t, f: jax.grad(lambda tt: trainer._losses(
-        tt, state["batch_stats"], f, backbone, batch, transforms, 2)[0])(t))(state["trainable"], trainer.frozen)
-    _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-    n_trainable = len(jax.tree.leaves(state["trainable"]))
-    assert len(used) == n_trainable + len(jax.tree.leaves(trainer.frozen))
-    assert not any(used[n_trainable:])
-    assert any(used[:n_trainable])
+    def backbone_features(trainable, batch_stats, frozen, images):
+        return nnx.merge(trainer.graphdef, trainable, batch_stats, frozen).encoder.backbone_features(images)
+
+    n_trainable, n_frozen = len(jax.tree.leaves(state["trainable"])), len(jax.tree.leaves(trainer.frozen))
+    for phase in (1, 2):
+        images, transforms = jax.eval_shape(lambda b, k: trainer._step_images(b, k, phase), batch, jax.random.key(0))
+        backbone = jax.eval_shape(backbone_features, state["trainable"], state["batch_stats"], trainer.frozen, images)
+        closed = jax.make_jaxpr(lambda t, f, features, tr: jax.grad(lambda tt: trainer._losses(
+            tt, state["batch_stats"], f, features, batch, tr, phase)[0])(t))(
+            state["trainable"], trainer.frozen, backbone, transforms)
+        _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+        assert len(used) == n_trainable + n_frozen + len(jax.tree.leaves((backbone, transforms)))
+        assert not any(used[n_trainable:n_trainable + n_frozen]), phase
+        assert any(used[:n_trainable]), phase
+
+
+def test_build_model_puts_a_converted_backbone_in_place(tmp_path):
+    """build_model initializes in one compiled program with the loaded backbone as a placeholder."""
+    from nexvitad_jax.compilation import initialize
+    from nexvitad_jax.models import build_backbone, save_backbone
+
+    config = tiny.get_config()
+    hiera = initialize(lambda: build_backbone("hiera", config.hiera.to_dict(), rngs=nnx.Rngs(7)))
+    saved = nnx.state(hiera, nnx.Param).to_pure_dict()
+    save_backbone(tmp_path / "hiera", "hiera", hiera.config, saved, variant="test", source="random")
+    config.hiera_checkpoint = str(tmp_path / "hiera")
+    model = build_model(config, 2, 1)
+    got = nnx.state(model.encoder.hiera, nnx.Param).to_pure_dict()
+    for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # No placeholder is left, and the model runs.
+    assert not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(model)))
+    features = nnx.eval_shape(lambda m, x: m.encode(x), model, jnp.zeros((1, 64, 64, 3)))
+    assert [f.shape[-1] for f in features] == [16, 32, 64, 128]
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
@@ -153,6 +186,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     config.learning_rate = 1e38  # Adam steps of ~1e38 overflow the next forward pass
     config.warmup_steps = 0
     config.epochs, config.phase1_epochs, config.steps_per_epoch = 1, 1, 3  # phase 1 only: one compile
+    config.fast_compile = True
     dataset = open_dataset("synthetic", image_size=64)
     with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf|-inf) at step (\d+).*last good checkpoint is step"):
         train(config, dataset, ["bottle", "cable"], ["hazelnut"], tmp_path, progress=False)
