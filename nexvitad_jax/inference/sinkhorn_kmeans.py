@@ -20,13 +20,14 @@ w_ij = softmax_j((g_j - C_ij) / eps), and g maximizes the concave semi-dual
 F(g) = sum_j b_j g_j - eps sum_i a_i logsumexp_j((g_j - C_ij) / eps), whose gradient is the column
 marginal error b - sum_i a_i w_i and whose Hessian is the K x K matrix
 -(diag(sum_i a_i w_i) - sum_i a_i w_i w_i^T) / eps. Sinkhorn's alternating updates converge
-linearly and slowly on banks of well-separated modes (warm-started from the last iteration's
-potentials, ~300 iterations per solve at K = 40 on the benchmark bank); damped Newton on F,
-warm-started the same way, reaches the same marginal error in 1-15 steps, each one pass over the
-(N, K) cost plus a K x K solve. OTT-JAX's Sinkhorn then starts from the Newton potentials: it
-checks the marginal error against its threshold (normally after one iteration) and keeps iterating
-where Newton stopped short, so the solution and the convergence flag are Sinkhorn's. Newton runs
-for K <= NEWTON_MAX_K (its K x K Hessian costs N K^2 per step); above, Sinkhorn alone.
+linearly and slowly on banks of well-separated modes: warm-started from the last iteration's
+potentials, ~3,100 Sinkhorn iterations over 10 iterations at K = 40 on the benchmark's 64-mode bank
+(N = 31,360, D = 2048). Damped Newton on F, warm-started the same way, reaches the same marginal
+error in ~100 passes (3-22 per solve), each one pass over the (N, K) cost plus a K x K Cholesky
+solve. OTT-JAX's Sinkhorn then starts from the Newton potentials: it checks the marginal error
+against its threshold (after one iteration) and keeps iterating where Newton stopped short, so the
+solution and the convergence flag are Sinkhorn's. Newton runs for K <= NEWTON_MAX_K (its Hessian
+costs N K^2 per pass); above, Sinkhorn alone (warm-started).
 
 Memory: the (N, K) cost is materialized when it is no larger than the bank itself or fits
 `dense_cost_bytes`; otherwise every pass recomputes it block by block (OTT's
@@ -35,11 +36,12 @@ and N can exceed 10^6.
 
 `sweep_k` fits many K on one bank as one compiled program, and in one pass over the bank per
 iteration for all of them: the prototypes of every run are concatenated (sum K rows) for one
-distance matmul and one weighted-mean matmul, the per-run transport solves are batched (runs
-padded to max K with masked prototypes of zero target mass), and a run whose prototypes stopped
-moving is frozen while the others go on. k-means++ draws its t-th center from a key folded with
-t, so the first K centers of a max(K) initialization are exactly the K-center initialization: a
-sweep run equals the run of that K alone.
+distance matmul and one weighted-mean matmul; the transport solves run one run after another
+inside the program (`lax.map` over the runs padded to max K with masked prototypes of zero
+target mass: each solve stops on its own, on arrays small enough for the cache, ~2x faster than
+batching them), and a run whose prototypes stopped moving is frozen while the others go on.
+k-means++ draws its t-th center from a key folded with t, so the first K centers of a max(K)
+initialization are exactly the K-center initialization: a sweep run equals the run of that K alone.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from nexvitad_jax.inference._ott_compat import geometry, linear_problem, pointcl
 
 DEFAULT_EPSILON = 0.05
 DEFAULT_DENSE_COST_BYTES = 2 << 30
-NEWTON_MAX_K = 512
+NEWTON_MAX_K = 1024  # measured: at K = 1024 Newton is still ~1.7x faster than Sinkhorn alone
 NEWTON_MAX_MOVE = 32.0  # the trust radius of a Newton step: most it moves a potential, in units of eps
 NEWTON_START_MOVE = 16.0  # the radius a solve starts with (both measured on the benchmark bank)
 _BLOCK_ELEMENTS = 1 << 26  # (rows x padded prototypes) per block of a pass: one block up to N ~ 10^5
@@ -219,56 +221,56 @@ def _padded_cost(runs: _Runs, rows, rows_sq, prototypes, p_sq) -> jax.Array:
     return jnp.where(runs.mask[:, None, :], jnp.moveaxis(runs.pad(cost), 1, 0), 0.0)
 
 
-def _block_cost(runs, bank, prototypes, p_sq, dense_cost):
-    """The cost of block c: a slice of the stored (S, N, K) cost, or recomputed from the rows."""
+def _block_cost(bank, dense_cost, cost_of_rows):
+    """cost_of_block(c) -> (cost of block c, rows, fresh): a slice (axis -2) of the stored cost, or
+    `cost_of_rows(rows, rows_sq)` recomputed from the bank."""
 
     def cost_of_block(c):
         rows, rows_sq, fresh, start = bank.rows(c)
         if dense_cost is not None:
-            return jax.lax.dynamic_slice_in_dim(dense_cost, start, bank.chunk, axis=1), rows, fresh
-        return _padded_cost(runs, rows, rows_sq, prototypes, p_sq), rows, fresh
+            return jax.lax.dynamic_slice_in_dim(dense_cost, start, bank.chunk, axis=dense_cost.ndim - 2), rows, fresh
+        return cost_of_rows(rows, rows_sq), rows, fresh
 
     return cost_of_block
 
 
-def _transport_rows(runs, g, cost, eps):
-    """(S, K) potentials, (S, r, K) cost -> the (S, r, K) normalized transport rows
-    w_ij = softmax_j((g_j - C_ij) / eps) and the (S, r) row log-normalizers logsumexp_j(...)."""
-    logits = jnp.where(runs.mask[:, None, :], (g[:, None, :] - cost) / eps, -jnp.inf)
+def _transport_rows(mask, g, cost, eps):
+    """(..., K) mask and potentials, (..., r, K) cost -> the (..., r, K) normalized transport rows
+    w_ij = softmax_j((g_j - C_ij) / eps) and the (..., r) row log-normalizers logsumexp_j(...)."""
+    logits = jnp.where(mask[..., None, :], (g[..., None, :] - cost) / eps, -jnp.inf)
     top = jnp.max(logits, axis=-1, keepdims=True)
     unnormalized = jnp.exp(logits - top)  # one exp for both outputs (~1.6x faster than two on CPU)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     return unnormalized / total, (top + jnp.log(total))[..., 0]
 
 
-def _newton(runs, bank, cost_of_block, g, eps, threshold, skip, max_steps: int):
-    """Damped Newton ascent on the semi-dual F(g) (module docstring) for every run at once.
+def _newton(bank, cost_of_block, g, mask, eps, threshold, skip, max_steps: int):
+    """Damped Newton ascent on the semi-dual F(g) (module docstring) of one run: g, mask (K,).
 
     Each step is one pass: at the candidate g + delta it accumulates the column marginal mu, the
     Hessian term sum_i a_i w_i w_i^T and the row log-normalizers lse_i = logsumexp_j((g_j - C_ij)/eps),
     whose change against the current g's gives F(cand) - F(g) row by row (not as a difference of
     two large sums). delta is the Newton step shortened to a trust radius (at most NEWTON_MAX_MOVE
-    eps per potential); a candidate is accepted on sufficient increase (Armijo). A run stops when its marginal error sum_j |mu_j - b_j| is below
-    `threshold` (OTT's norm_error=1 criterion) or the step stalls; `skip` (S,) marks runs that need
-    no solve. Returns (g, f, passes (S,)) with f_i = eps log a_i - eps lse_i the row potentials that
-    go with g (meaningless for skipped runs).
+    eps per potential); a candidate is accepted on sufficient increase (Armijo). The solve stops when
+    the marginal error sum_j |mu_j - b_j| is below `threshold` (OTT's norm_error=1 criterion) or the
+    step stalls; `skip` skips it. Returns (g, f, passes) with f_i = eps log a_i - eps lse_i the row
+    potentials that go with g (meaningless when skipped).
     """
     n = bank.x.shape[0]
-    mask = jnp.asarray(runs.mask)
     live = mask.astype(g.dtype)
-    b = live / jnp.sum(live, axis=1, keepdims=True)
+    b = live / jnp.sum(live)
 
     def evaluate(candidate):
         def body(c, acc):
             mu, hessian, lse_all = acc
             cost, _, fresh = cost_of_block(c)
-            w, lse = _transport_rows(runs, candidate, cost, eps)
-            w = w * fresh[None, :, None]
+            w, lse = _transport_rows(mask, candidate, cost, eps)
+            w = w * fresh[:, None]
             start = jnp.minimum(c * bank.chunk, n - bank.chunk)
-            return (mu + w.sum(1), hessian + jnp.einsum("snk,snl->skl", w, w, precision=_HIGHEST),
-                    jax.lax.dynamic_update_slice_in_dim(lse_all, lse, start, axis=1))
+            return (mu + w.sum(0), hessian + jnp.dot(w.T, w, precision=_HIGHEST),
+                    jax.lax.dynamic_update_slice_in_dim(lse_all, lse, start, axis=0))
 
-        zeros = (jnp.zeros_like(g), jnp.zeros(g.shape + (g.shape[1],), g.dtype), jnp.zeros((g.shape[0], n), g.dtype))
+        zeros = (jnp.zeros_like(g), jnp.zeros(g.shape * 2, g.dtype), jnp.zeros((n,), g.dtype))
         mu, hessian, lse = bank.blocks(body, zeros)
         return mu / n, hessian / n, lse
 
@@ -276,41 +278,36 @@ def _newton(runs, bank, cost_of_block, g, eps, threshold, skip, max_steps: int):
         # diag(mu) - H is a graph Laplacian (rows sum to 0): the rank-one term fixes the free shift
         # of g, the small ridge keeps prototypes that hold no mass solvable, identity on masked ones.
         gradient = jnp.where(mask, b - mu, 0.0)
-        matrix = (jax.vmap(jnp.diag)(mu + 1e-3 * b) - hessian + b[:, :, None] * live[:, None, :]
-                  + jax.vmap(jnp.diag)(1.0 - live))
+        matrix = jnp.diag(mu + 1e-3 * b + 1.0 - live) - hessian + jnp.outer(b, live)
         factor = jnp.linalg.cholesky(matrix)  # symmetric positive definite
-        return eps * jax.scipy.linalg.cho_solve((factor, True), gradient[..., None])[..., 0] * live, gradient
+        return eps * jax.scipy.linalg.cho_solve((factor, True), gradient) * live, gradient
 
     def keep_going(state):
-        return jnp.any(~state["done"]) & (state["step"] < max_steps)
+        return ~state["done"] & (state["passes"] < max_steps)
 
     def step(state):
         g, newton, radius = state["g"], state["newton"], state["radius"]
         # The Newton step, shortened to move no potential by more than radius * eps.
-        length = jnp.max(jnp.abs(newton), axis=1) / eps
-        delta = newton * jnp.minimum(1.0, radius / jnp.maximum(length, 1e-30))[:, None]
+        length = jnp.max(jnp.abs(newton)) / eps
+        delta = newton * jnp.minimum(1.0, radius / jnp.maximum(length, 1e-30))
         candidate = g + delta
         mu, hessian, lse = evaluate(candidate)
-        gain = jnp.sum(b * delta, axis=1) - eps * jnp.mean(lse - state["lse"], axis=1)
-        error = jnp.sum(jnp.abs(mu - b), axis=1)
-        slope = jnp.sum(state["gradient"] * delta, axis=1)
-        first = state["step"] == 0  # the plain evaluation at g (no step yet) that starts a solve
-        accept = ~state["done"] & (first | (gain >= 1e-4 * slope) | (error <= threshold))
+        gain = jnp.sum(b * delta) - eps * jnp.mean(lse - state["lse"])
+        error = jnp.sum(jnp.abs(mu - b))
+        first = state["passes"] == 0  # the plain evaluation at g (no step yet) that starts a solve
+        accept = first | (gain >= 1e-4 * jnp.sum(state["gradient"] * delta)) | (error <= threshold)
         new_newton, gradient = newton_direction(mu, hessian)
-        pick = lambda new, old: jnp.where(accept.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+        pick = lambda new, old: jnp.where(accept, new, old)
         # Trust radius: doubled after an accepted step, halved (below the step tried) after a rejected one.
         radius = jnp.where(accept, jnp.where(first, radius, jnp.minimum(2.0 * radius, NEWTON_MAX_MOVE)),
                            0.5 * jnp.minimum(radius, length))
-        converged = accept & (error <= threshold)
         return {"g": pick(candidate, g), "lse": pick(lse, state["lse"]), "newton": pick(new_newton, newton),
                 "gradient": pick(gradient, state["gradient"]), "radius": radius,
-                "done": state["done"] | converged | (radius < 1e-6) | ~jnp.isfinite(gain),
-                "passes": state["passes"] + (~state["done"]).astype(jnp.int32), "step": state["step"] + 1}
+                "done": (accept & (error <= threshold)) | (radius < 1e-6) | ~jnp.isfinite(gain),
+                "passes": state["passes"] + 1}
 
-    s = g.shape[0]
-    state = {"g": g, "lse": jnp.zeros((s, n), g.dtype), "newton": jnp.zeros_like(g), "gradient": jnp.zeros_like(g),
-             "radius": jnp.full((s,), NEWTON_START_MOVE, g.dtype), "done": skip,
-             "passes": jnp.zeros((s,), jnp.int32), "step": jnp.zeros((), jnp.int32)}
+    state = {"g": g, "lse": jnp.zeros((n,), g.dtype), "newton": jnp.zeros_like(g), "gradient": jnp.zeros_like(g),
+             "radius": jnp.asarray(NEWTON_START_MOVE, g.dtype), "done": skip, "passes": jnp.zeros((), jnp.int32)}
     state = jax.lax.while_loop(keep_going, step, state)
     return state["g"], -eps * (state["lse"] + jnp.log(jnp.asarray(n, g.dtype))), state["passes"]
 
@@ -322,7 +319,7 @@ def _weighted_sums(runs, bank, cost_of_block, g, eps):
     def body(c, acc):
         sums, counts, soft_cost = acc
         cost, rows, fresh = cost_of_block(c)
-        w = _transport_rows(runs, g, cost, eps)[0] * fresh[None, :, None]
+        w = _transport_rows(jnp.asarray(runs.mask), g, cost, eps)[0] * fresh[None, :, None]
         w_compact = runs.compact(jnp.moveaxis(w, 0, 1))  # (chunk, sum K)
         return (sums + jnp.dot(w_compact.T, rows, precision=_HIGHEST), counts + w.sum(1),
                 soft_cost + jnp.sum(w * cost, axis=(1, 2)))
@@ -346,7 +343,7 @@ def _min_sq_distance_mean(runs, bank, prototypes):
     return total / bank.x.shape[0]
 
 
-def _fit(x, init, epsilon, tol, *, ks: tuple[int, ...], max_iters: int, chunk: int, dense: bool,
+def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, dense: bool,
          sinkhorn_threshold: float, sinkhorn_max_iters: int, newton_steps: int):
     """Sinkhorn K-means runs for every K in `ks` from compact initial prototypes `init` (sum K, D)."""
     runs = _Runs(ks)
@@ -361,28 +358,37 @@ def _fit(x, init, epsilon, tol, *, ks: tuple[int, ...], max_iters: int, chunk: i
                                inner_iterations=1 if newton_steps else 10)
     use_newton = newton_steps > 0 and runs.k_max <= NEWTON_MAX_K
 
-    def sinkhorn_solve(cost_or_prototypes, f, g, b_run):
+    def solve(run):
+        """One run's transport solve, warm-started from its last potentials (the prototypes move
+        little between iterations): Newton, then OTT's Sinkhorn from Newton's potentials."""
+        cost_or_prototypes, f, g, mask_run, b_run, active = run
         if dense:
             geom = geometry.Geometry(cost_matrix=cost_or_prototypes, epsilon=eps)
+            cost_of_block = _block_cost(bank, cost_or_prototypes, None)
         else:
             geom = pointcloud.PointCloud(x, cost_or_prototypes, epsilon=eps, batch_size=chunk)
+            p_sq = jnp.sum(cost_or_prototypes * cost_or_prototypes, axis=1)
+            cost_of_block = _block_cost(bank, None, lambda rows, rows_sq: jnp.where(mask_run, jnp.maximum(
+                rows_sq[:, None] + p_sq - 2.0 * jnp.dot(rows, cost_or_prototypes.T, precision=_HIGHEST), 0.0), 0.0))
+        passes = jnp.zeros((), jnp.int32)
+        if use_newton:
+            g, f_newton, passes = _newton(bank, cost_of_block, g, mask_run, eps, 0.1 * sinkhorn_threshold, ~active,
+                                          newton_steps)
+            f = jnp.where(active, f_newton, f)  # a finished run restarts from its own solution
         out = solver(linear_problem.LinearProblem(geom, a=a, b=b_run), init=(f, g))
-        return out.f, out.g, out.converged, out.n_iters  # inside vmap: n_iters reads the run's own errors
+        return out.f, out.g, out.converged, out.n_iters, passes
 
     def step(state):
-        prototypes, f, g, active = state["prototypes"], state["f"], state["g"], state["active"]
+        prototypes, active = state["prototypes"], state["active"]
         p_sq = jnp.sum(prototypes * prototypes, axis=1)
         dense_cost = _padded_cost(runs, x, bank.x_sq, prototypes, p_sq) if dense else None
-        cost_of_block = _block_cost(runs, bank, prototypes, p_sq, dense_cost)
-        newton_passes = jnp.zeros((s,), jnp.int32)
-        if use_newton:
-            # Warm start from the last potentials: the prototypes move little between iterations.
-            g, f_newton, newton_passes = _newton(runs, bank, cost_of_block, g, eps, 0.1 * sinkhorn_threshold,
-                                                 ~active, newton_steps)
-            f = jnp.where(active[:, None], f_newton, f)  # a finished run restarts from its own solution
-        geom_input = dense_cost if dense else jnp.take(prototypes, runs.gather, axis=0)
-        f, g, sinkhorn_converged, sinkhorn_iterations = jax.vmap(sinkhorn_solve)(geom_input, f, g, b)
+        # One run after another (their own stopping, small arrays); the matmuls stay joint.
+        f, g, sinkhorn_converged, sinkhorn_iterations, newton_passes = jax.lax.map(solve, (
+            dense_cost if dense else jnp.take(prototypes, runs.gather, axis=0), state["f"], state["g"], mask, b,
+            active))
         g_out = jnp.where(mask, g, -jnp.inf)
+        cost_of_block = _block_cost(bank, dense_cost, lambda rows, rows_sq: _padded_cost(runs, rows, rows_sq,
+                                                                                           prototypes, p_sq))
         sums, counts, soft_cost = _weighted_sums(runs, bank, cost_of_block, g_out, eps)
         counts_compact = runs.compact(counts)
         alive = counts_compact > 0
@@ -418,18 +424,18 @@ def _fit(x, init, epsilon, tol, *, ks: tuple[int, ...], max_iters: int, chunk: i
     return state["prototypes"], result
 
 
-_STATIC = ("ks", "max_iters", "chunk", "dense", "sinkhorn_threshold", "sinkhorn_max_iters", "newton_steps")
+_STATIC = ("ks", "chunk", "dense", "sinkhorn_threshold", "sinkhorn_max_iters", "newton_steps")
 _fit_jit = jax.jit(_fit, static_argnames=_STATIC)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _seeded_fit(x, rng, epsilon, tol, **static):
+def _seeded_fit(x, rng, epsilon, tol, max_iters, **static):
     """k-means++ for max K, then every run from its first K centers: one program."""
     centers = kmeans_plus_plus(x, max(static["ks"]), rng)
-    return _fit(x, centers[_Runs(static["ks"]).first_centers], epsilon, tol, **static)
+    return _fit(x, centers[_Runs(static["ks"]).first_centers], epsilon, tol, max_iters, **static)
 
 
-def _static_options(n: int, d: int, ks: tuple[int, ...], itemsize: int, chunk_size, dense_cost_bytes, max_iters,
+def _static_options(n: int, d: int, ks: tuple[int, ...], itemsize: int, chunk_size, dense_cost_bytes,
                     sinkhorn_threshold, sinkhorn_max_iters, newton_steps) -> dict:
     padded = len(ks) * max(ks)
     if chunk_size is None:  # blocks of ~4M (row, prototype) pairs, as equal as N allows
@@ -441,7 +447,7 @@ def _static_options(n: int, d: int, ks: tuple[int, ...], itemsize: int, chunk_si
     cost_bytes = n * (padded + sum(ks)) * itemsize
     dense = cost_bytes <= (max(n * d * itemsize, DEFAULT_DENSE_COST_BYTES) if dense_cost_bytes is None
                            else dense_cost_bytes)
-    return dict(ks=ks, max_iters=_check_count(max_iters, "max_iters", 1), chunk=int(chunk), dense=bool(dense),
+    return dict(ks=ks, chunk=int(chunk), dense=bool(dense),
                 sinkhorn_threshold=float(sinkhorn_threshold),
                 sinkhorn_max_iters=_check_count(sinkhorn_max_iters, "sinkhorn_max_iters", 1),
                 newton_steps=_check_count(newton_steps, "newton_steps", 0))
@@ -465,16 +471,17 @@ def sinkhorn_kmeans(x, k: int, *, rng: jax.Array, epsilon: float = DEFAULT_EPSIL
     k = _check_k(k)
     x = _check_bank(x, k)
     n, d = x.shape
-    static = _static_options(n, d, (k,), x.dtype.itemsize, chunk_size, dense_cost_bytes, max_iters,
-                             sinkhorn_threshold, sinkhorn_max_iters, newton_steps)
-    epsilon, tol = jnp.asarray(epsilon, x.dtype), jnp.asarray(tol, x.dtype)
+    static = _static_options(n, d, (k,), x.dtype.itemsize, chunk_size, dense_cost_bytes, sinkhorn_threshold,
+                             sinkhorn_max_iters, newton_steps)
+    # Traced, not static: runs that differ only in these share one compiled program.
+    dynamic = (jnp.asarray(epsilon, x.dtype), jnp.asarray(tol, x.dtype), _check_count(max_iters, "max_iters", 1))
     if init is None:
-        prototypes, result = _seeded_fit(x, rng, epsilon, tol, **static)
+        prototypes, result = _seeded_fit(x, rng, *dynamic, **static)
     else:
         init = jnp.asarray(init, x.dtype)
         if init.shape != (k, d):
             raise UserInputError(f"init: expected ({k}, {d}) prototypes (K, D of x), got shape {tuple(init.shape)}")
-        prototypes, result = _fit_jit(x, init, epsilon, tol, **static)
+        prototypes, result = _fit_jit(x, init, *dynamic, **static)
     return prototypes, jax.tree.map(lambda field: field[0], result)
 
 
@@ -499,9 +506,10 @@ def sweep_k(x, ks: Sequence[int], *, rng: jax.Array, epsilon: float = DEFAULT_EP
         raise UserInputError("ks: expected at least one cluster count")
     x = _check_bank(x, max(ks))
     n, d = x.shape
-    static = _static_options(n, d, ks, x.dtype.itemsize, chunk_size, dense_cost_bytes, max_iters,
-                             sinkhorn_threshold, sinkhorn_max_iters, newton_steps)
-    prototypes, result = _seeded_fit(x, rng, jnp.asarray(epsilon, x.dtype), jnp.asarray(tol, x.dtype), **static)
+    static = _static_options(n, d, ks, x.dtype.itemsize, chunk_size, dense_cost_bytes, sinkhorn_threshold,
+                             sinkhorn_max_iters, newton_steps)
+    prototypes, result = _seeded_fit(x, rng, jnp.asarray(epsilon, x.dtype), jnp.asarray(tol, x.dtype),
+                                     _check_count(max_iters, "max_iters", 1), **static)
     offsets = np.cumsum([0, *ks])
     return SweepResult(ks=ks, prototypes=[prototypes[offsets[i]:offsets[i + 1]] for i in range(len(ks))],
                        objective=result.objective, result=result)
