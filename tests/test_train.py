@@ -179,6 +179,19 @@ def test_build_model_puts_a_converted_backbone_in_place(tmp_path):
     assert [f.shape[-1] for f in features] == [16, 32, 64, 128]
 
 
+def test_paper_config_describes_the_paper_model():
+    """experiments/configs/paper.py (random weights, shapes only): Hiera-Huge + DINOv2-S at 224 and
+    the pseudo-label head on interleaved F_3, 2 d_3 = 2048 channels (the paper's number)."""
+    from experiments.configs import paper
+
+    config = paper.get_config()
+    config.hiera_checkpoint = config.dinov2_checkpoint = ""
+    assert (config.image_size, config.epochs, config.few_shot, config.feature_cache) == (224, 50, 10, False)
+    model = nnx.eval_shape(lambda: build_model(config, 11, 1))
+    assert model.encoder.stage_dims == (256, 512, 1024, 2048)
+    assert model.pseudo_label_heads.heads.convs[0].kernel.shape == (1, 1, 1, 2048, 64)
+
+
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     from nexvitad_jax.data import open_dataset
 
@@ -194,6 +207,56 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     assert records and all(np.isfinite(r["loss"]) for r in records)
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert kept and kept[-1] == records[-1]["step"]
+
+
+def test_feature_cache_trains_as_without_it(tmp_path, monkeypatch):
+    """Augmentation (p = 0.5 here) only touches the consistency branch's target view, which a cached
+    run still passes through the backbones; the rest comes from the cache. Two phase-1 and two
+    phase-2 steps (pseudo-labels from cached features) equal an uncached run's, and every cached
+    feature fed to a step is the backbones' output for the image the uncached run fed there."""
+    from nexvitad_jax.data import open_dataset
+    from nexvitad_jax.models.nexvitad import TRAINABLE
+
+    config = tiny.get_config()
+    config.epochs, config.phase1_epochs, config.steps_per_epoch = 2, 1, 2
+    config.learning_rate = 0.1  # confident pseudo-label heads after phase 1: phase 2 has labelled pixels
+    config.fast_compile = True
+    assert config.augmentation["probability"] == 0.5
+    dataset = open_dataset("synthetic", image_size=64)
+    step_calls = []
+    original_call = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, state, batch, phase: (
+        step_calls.append((self, batch, phase)), original_call(self, state, batch, phase))[1])
+    runs = {}
+    for cached in (False, True):
+        config.feature_cache = cached
+        step_calls.clear()
+        result = train(config, dataset, ["bottle", "cable"], ["hazelnut"], tmp_path / str(cached), progress=False)
+        records = [json.loads(line) for line in (tmp_path / str(cached) / "metrics.jsonl").read_text().splitlines()]
+        state = nnx.state(result.model, nnx.Any(TRAINABLE, nnx.BatchStat))
+        runs[cached] = (jax.tree.map(np.asarray, state), records, list(step_calls), result.state)
+    (params, records, calls, _), (cached_params, cached_records, cached_calls, final_state) = runs[False], runs[True]
+    assert [r["phase"] for r in records] == [1, 1, 2, 2] and min(r["labelled_fraction"] for r in records[2:]) > 0.5
+    for record, cached_record in zip(records, cached_records, strict=True):
+        for name in ("loss", "source_ce", "pseudo_label_ce", "target_ce", "target_mse", "labelled_fraction"):
+            if name in record:
+                np.testing.assert_allclose(cached_record[name], record[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # The gradients of a step agree to ~1e-7 (relative norm); Adam, which steps +-lr wherever a
+    # gradient is tiny, amplifies that at lr 0.1 to <= 5e-5 per variable over 4 steps (measured).
+    worst = max(float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12))
+                for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(cached_params), strict=True))
+    assert worst <= 1e-4, worst
+    # The batches: cached features are the backbones' outputs of the images the uncached run used.
+    for (_, batch, phase), (trainer, cached_batch, cached_phase) in zip(calls, cached_calls, strict=True):
+        assert phase == cached_phase and "source_images" not in cached_batch
+        pairs = [(batch["source_images"], cached_batch["source_features"])]
+        if phase == 2:
+            np.testing.assert_array_equal(np.asarray(cached_batch["target_images"]), np.asarray(batch["target_images"]))
+            pairs.append((batch["target_images"], cached_batch["target_features"]))
+        for images, features in pairs:
+            expected = trainer.backbone_features(final_state, images)
+            for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(features), strict=True):
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_training_input_errors(tmp_path):

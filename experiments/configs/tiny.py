@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Compile the train step for compile speed (nexvitad_jax.compilation): ~4x faster compilation,
     # ~1.6x slower steps on CPU; pays for runs of a few hundred steps or fewer (tests set it).
     config.fast_compile = False
+    # Compute the frozen backbones' outputs for the source and clean target images once, not at
+    # every step (nexvitad_jax/train/loop.py: same training, host memory for the features).
+    config.feature_cache = False
     config.augmentation = dict(probability=0.5, scale_range=(0.8, 1.25), noise_std=0.05)
     # Memory-bank inference (section 3.2). At 64 px the last layer has 2 x 2 patches per image, so
     # the M = 4 bank images give 16 points there: K must stay below that.

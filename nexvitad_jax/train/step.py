@@ -5,6 +5,14 @@ differentiated and updated), `batch_stats` (BatchNorm running statistics) and `f
 backbones, passed in but never differentiated). Batches are laid out per class,
 (classes, per_class, ...), and sharded along the per-class axis, so each head's BatchNorm
 statistics span its class's images on every device (GSPMD reduces over the global batch).
+
+The opt-in backbone-feature cache (`config.feature_cache`): the backbones are frozen, so their
+outputs for images that are never augmented can be computed once (`backbone_features`) and fed in
+the batch instead of the images: "source_features" for the source images and "target_features" for
+the clean target images, each a (Hiera stage maps, DINOv2 grid) pytree laid out per class like the
+images. Only the consistency branch (eq. 7) sees augmented images, freshly drawn at every step, so
+the backbones still run on the augmented target view; a cached step computes exactly what an
+uncached one does (equal up to float rounding).
 """
 
 from __future__ import annotations
@@ -60,6 +68,16 @@ def _per_class(features, classes: int):
     return tuple(f.reshape(classes, -1, *f.shape[1:]) for f in features)
 
 
+def _flat(x: jax.Array) -> jax.Array:
+    """(classes, per_class, ...) -> (classes * per_class, ...)."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _images(batch_images: jax.Array) -> jax.Array:
+    """uint8 (classes, per_class, H, W, 3) -> flat float images in [0, 1]."""
+    return _flat(batch_images).astype(jnp.float32) / 255.0
+
+
 class TrainStep:
     """Holds the graph and the frozen state; `init_state()` makes the train state, `__call__` steps."""
 
@@ -84,6 +102,8 @@ class TrainStep:
         # The few-shot target set is small and every process holds all of it: replicated.
         self._pseudo_labels = jax.jit(self._pseudo_labels_fn, out_shardings=state_sharding,
                                       compiler_options=compiler_options)
+        self._backbone_features = jax.jit(self._backbone_features_fn, in_shardings=(state_sharding, state_sharding, data),
+                                          out_shardings=state_sharding, compiler_options=compiler_options)
 
     def init_state(self, seed: int) -> dict[str, Any]:
         trainable, batch_stats = jax.device_put(self._initial, replicated(self.mesh))
@@ -100,16 +120,29 @@ class TrainStep:
 
     # -- device functions --------------------------------------------------------------------------
     def _step_images(self, batch, rng, phase: int):
-        """All images of a step in [0, 1], flat: source, then (phase 2) clean and augmented target."""
-        source_images = batch["source_images"]
-        images = [source_images.reshape(-1, *source_images.shape[2:]).astype(jnp.float32) / 255.0]
+        """The images of a step that the backbones must see, in [0, 1], flat: source, then (phase 2)
+        clean and augmented target; with the feature cache only the augmented target (or None)."""
+        cached = "source_features" in batch
+        images = [] if cached else [_images(batch["source_images"])]
         transforms = None
         if phase == 2:
-            target_images = batch["target_images"]
-            flat_target = target_images.reshape(-1, *target_images.shape[2:]).astype(jnp.float32) / 255.0
+            flat_target = _images(batch["target_images"])
             transforms = augment_lib.sample_transforms(rng, flat_target.shape[0], **self.augmentation)
-            images += [flat_target, augment_lib.augment(flat_target, transforms)]
-        return jnp.concatenate(images, axis=0), transforms
+            if not cached:
+                images.append(flat_target)
+            images.append(augment_lib.augment(flat_target, transforms))
+        return (jnp.concatenate(images, axis=0) if images else None), transforms
+
+    @staticmethod
+    def _with_cached_features(batch, fresh, phase: int):
+        """The backbone outputs of a step's images in `_step_images`'s uncached order: cached source
+        and clean target features (if the batch holds them) before the fresh ones."""
+        if "source_features" not in batch:
+            return fresh
+        parts = [jax.tree.map(_flat, batch["source_features"])]
+        if phase == 2:
+            parts += [jax.tree.map(_flat, batch["target_features"]), fresh]
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
 
     def _losses(self, trainable, batch_stats, frozen, backbone_features, batch, transforms, phase: int):
         """Eq. 8 (+ the pseudo-label heads' source loss) from the frozen backbones' outputs."""
@@ -118,8 +151,8 @@ class TrainStep:
         batch_stats = jax.tree.map(lambda x: x, batch_stats)
         model = nnx.merge(self.graphdef, trainable, batch_stats, frozen)
         features = model.encoder.from_backbone_features(*backbone_features)
-        num_source, per_source = batch["source_images"].shape[:2]
-        image_hw = batch["source_images"].shape[2:4]
+        num_source, per_source, *image_hw = batch["source_masks"].shape
+        image_hw = tuple(image_hw)
         n_source = num_source * per_source
         source_features = _per_class(tuple(f[:n_source] for f in features), num_source)
         source_labels = batch["source_masks"].astype(jnp.int32)
@@ -130,7 +163,7 @@ class TrainStep:
         metrics = {"source_ce": source_ce, "pseudo_label_ce": pl_ce}
         loss = source_ce + self.weights.pseudo_label_head * pl_ce
         if phase == 2:
-            num_target, per_target = batch["target_images"].shape[:2]
+            num_target, per_target = batch["target_labels"].shape[:2]
             # Clean and augmented target images go through their class's head in one call (one
             # BatchNorm batch): (C_t, 2 m, ...).
             n_target = num_target * per_target
@@ -156,7 +189,8 @@ class TrainStep:
         # The frozen backbones run outside the differentiated function: no gradient computation
         # reaches them (their outputs are constants to value_and_grad).
         model = nnx.merge(self.graphdef, state["trainable"], state["batch_stats"], frozen)
-        backbone_features = model.encoder.backbone_features(normalize(images).astype(model.dtype))
+        fresh = None if images is None else model.encoder.backbone_features(normalize(images).astype(model.dtype))
+        backbone_features = self._with_cached_features(batch, fresh, phase)
         grad_fn = jax.value_and_grad(self._losses, has_aux=True)
         (loss, (metrics, batch_stats)), grads = grad_fn(state["trainable"], state["batch_stats"], frozen,
                                                         backbone_features, batch, transforms, phase)
@@ -165,17 +199,33 @@ class TrainStep:
                      "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics | {"loss": loss}
 
-    def _pseudo_labels_fn(self, state, frozen, target_images):
-        """Eqs. 5-6 on target images (C_t, m, H, W, 3) uint8 -> labels (C_t, m, H, W), IGNORE below theta."""
+    def _pseudo_labels_fn(self, state, frozen, target_images, target_features=None):
+        """Eqs. 5-6 on target images (C_t, m, H, W, 3) uint8 (or their cached backbone features, laid
+        out the same way) -> labels (C_t, m, H, W), IGNORE below theta."""
         model = nnx.merge(self.graphdef, state["trainable"], state["batch_stats"], frozen)
         num_target = target_images.shape[0]
-        flat = target_images.reshape(-1, *target_images.shape[2:]).astype(jnp.float32) / 255.0
-        features = _per_class(model.encode(flat), num_target)
+        if target_features is None:
+            features = model.encode(_images(target_images))
+        else:
+            features = model.encoder.from_backbone_features(*jax.tree.map(_flat, target_features))
+        features = _per_class(features, num_target)
         return pseudo_labels(model.pseudo_label_logits(features, target_images.shape[2:4], per_class_inputs=True))
+
+    def _backbone_features_fn(self, state, frozen, images):
+        """The frozen backbones' outputs for images (classes, per_class, H, W, 3) uint8, laid out the
+        same way: (Hiera stage maps, DINOv2 grid)."""
+        model = nnx.merge(self.graphdef, state["trainable"], state["batch_stats"], frozen)
+        features = model.encoder.backbone_features(normalize(_images(images)).astype(model.dtype))
+        return jax.tree.map(lambda f: f.reshape(*images.shape[:2], *f.shape[1:]), features)
 
     # -- host API ----------------------------------------------------------------------------------
     def __call__(self, state, batch: dict[str, jax.Array], phase: int):
         return self._step[phase](state, self.frozen, batch)
 
-    def pseudo_labels(self, state, target_images: jax.Array) -> jax.Array:
-        return self._pseudo_labels(state, self.frozen, target_images)
+    def pseudo_labels(self, state, target_images: jax.Array, target_features=None) -> jax.Array:
+        return self._pseudo_labels(state, self.frozen, target_images, target_features)
+
+    def backbone_features(self, state, images: jax.Array):
+        """For the feature cache: images sharded like a batch (`batch_sharding`) -> their backbone
+        outputs, replicated."""
+        return self._backbone_features(state, self.frozen, images)
