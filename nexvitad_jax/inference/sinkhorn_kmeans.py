@@ -125,10 +125,12 @@ def _check_count(value, name: str, minimum: int) -> int:
 
 def squared_distances(x: jax.Array, prototypes: jax.Array) -> jax.Array:
     """(N, D), (K, D) -> (N, K) squared Euclidean distances as one matmul, clamped at 0."""
-    x_sq = jnp.sum(x * x, axis=-1, keepdims=True)
-    p_sq = jnp.sum(prototypes * prototypes, axis=-1)
-    cross = jnp.dot(x, prototypes.T, precision=_HIGHEST)
-    return jnp.maximum(x_sq + p_sq - 2.0 * cross, 0.0)
+    return _distances_from_norms(x, jnp.sum(x * x, axis=-1), prototypes, jnp.sum(prototypes * prototypes, axis=-1))
+
+
+def _distances_from_norms(x, x_sq, prototypes, p_sq):
+    """squared_distances with the squared norms given (the bank's are computed once per fit)."""
+    return jnp.maximum(x_sq[:, None] + p_sq[None, :] - 2.0 * jnp.dot(x, prototypes.T, precision=_HIGHEST), 0.0)
 
 
 def total_variance(x: jax.Array) -> jax.Array:
@@ -221,8 +223,7 @@ class _Bank(NamedTuple):
 
 def _padded_cost(runs: _Runs, rows, rows_sq, prototypes, p_sq) -> jax.Array:
     """(r, D) rows, compact (sum K, D) prototypes -> (S, r, K) squared distances, 0 where masked."""
-    cross = jnp.dot(rows, prototypes.T, precision=_HIGHEST)
-    cost = jnp.maximum(rows_sq[:, None] + p_sq[None, :] - 2.0 * cross, 0.0)
+    cost = _distances_from_norms(rows, rows_sq, prototypes, p_sq)
     return jnp.where(runs.mask[:, None, :], jnp.moveaxis(runs.pad(cost), 1, 0), 0.0)
 
 
@@ -368,9 +369,10 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
     mask = jnp.asarray(runs.mask)
     a = jnp.full((n,), 1.0 / n, x.dtype)
     b = mask / jnp.sum(mask, axis=1, keepdims=True).astype(x.dtype)  # uniform 1/K, 0 on the padding
-    solver = sinkhorn.Sinkhorn(threshold=sinkhorn_threshold, max_iterations=sinkhorn_max_iters,
-                               inner_iterations=1 if newton_steps else 10)
     use_newton = newton_steps > 0 and runs.k_max <= NEWTON_MAX_K
+    # After Newton, Sinkhorn checks its error after every iteration (normally one); alone, every 10.
+    solver = sinkhorn.Sinkhorn(threshold=sinkhorn_threshold, max_iterations=sinkhorn_max_iters,
+                               inner_iterations=1 if use_newton else 10)
 
     def solve(run):
         """One run's transport solve, warm-started from its last potentials (the prototypes move
@@ -382,8 +384,8 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
         else:
             geom = pointcloud.PointCloud(x, cost_or_prototypes, epsilon=eps, batch_size=chunk)
             p_sq = jnp.sum(cost_or_prototypes * cost_or_prototypes, axis=1)
-            cost_of_block = _block_cost(bank, None, lambda rows, rows_sq: jnp.where(mask_run, jnp.maximum(
-                rows_sq[:, None] + p_sq - 2.0 * jnp.dot(rows, cost_or_prototypes.T, precision=_HIGHEST), 0.0), 0.0))
+            cost_of_block = _block_cost(bank, None, lambda rows, rows_sq: jnp.where(
+                mask_run, _distances_from_norms(rows, rows_sq, cost_or_prototypes, p_sq), 0.0))
         passes = jnp.zeros((), jnp.int32)
         if use_newton:
             g, f_newton, passes = _newton(bank, cost_of_block, g, mask_run, eps, 0.1 * sinkhorn_threshold, ~active,
