@@ -30,7 +30,7 @@ STEPS = 6  # 3 epochs of 2 steps: phase 1, then two phase-2 epochs (pseudo-label
 
 def _env(devices: int = 1, extra: dict | None = None) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", NEXVITAD_FEATURE_CACHE="0")
     env.update(extra or {})
     return env
 
@@ -44,6 +44,7 @@ def _config():
     config = tiny.get_config()
     config.epochs, config.steps_per_epoch, config.phase1_epochs = 3, 2, 1
     config.fast_compile = True
+    config.feature_cache = os.environ.get("NEXVITAD_FEATURE_CACHE") == "1"
     return config
 
 
@@ -155,7 +156,7 @@ def reference_run(tmp_path_factory, worker_id) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("phases, fast_compile", [
-    ("2", "1"),
+    pytest.param("2", "1", id="phase2-fast-compile"),
     pytest.param("1,2", "0", marks=pytest.mark.slow, id="both-phases-full-compile")])
 def test_sharded_step_equals_single_device(tmp_path, phases, fast_compile):
     done = _run(["shard", str(tmp_path / "report.json"), phases, fast_compile], _env(devices=8))
@@ -193,7 +194,10 @@ def test_sigkill_and_resume_equals_uninterrupted(reference_run, tmp_path):
     assert steps[-(STEPS - 3):] == list(range(4, STEPS + 1))  # the resumed run started after step 3
 
 
-def test_two_processes_equal_single_process(reference_run, tmp_path):
+@pytest.mark.parametrize("feature_cache", [False, pytest.param(True, marks=pytest.mark.slow, id="feature-cache")])
+def test_two_processes_equal_single_process(reference_run, tmp_path, feature_cache):
+    """Two gloo processes, each feeding half of every batch (and, with the feature cache, half of
+    every chunk of the cache), end with identical params equal to the single-process run's."""
     reference = reference_run
     with socket.socket() as sock:
         sock.bind(("localhost", 0))
@@ -201,7 +205,8 @@ def test_two_processes_equal_single_process(reference_run, tmp_path):
     workdir = tmp_path / "work"
     processes = [subprocess.Popen([sys.executable, str(WORKER), "train", str(workdir)], cwd=REPO_ROOT,
                                   env=_env(extra={"NEXVITAD_PROCESS_ID": str(i),
-                                                  "NEXVITAD_COORDINATOR": f"localhost:{port}"}),
+                                                  "NEXVITAD_COORDINATOR": f"localhost:{port}",
+                                                  "NEXVITAD_FEATURE_CACHE": str(int(feature_cache))}),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for process in processes:
         _, stderr = process.communicate(timeout=600)
