@@ -1,23 +1,28 @@
 """NexViTAD training throughput: the jitted JAX train step vs a PyTorch reference of the same model
 written here (transformers Hiera + DINOv2 encoders, a torch decoder with the same heads, losses and
 augmentation), eager and torch.compile; same config, same batch sizes, side by side in one process.
-Also measures the opt-in backbone-feature cache: the backbones are frozen, so their outputs for the
-un-augmented images could be computed once; the step time without the backbone forward is what a
-cache saves. It cannot cover the augmented target view (random flip/rotation/scale/noise change the
-backbone input every step), so with a cache the consistency term (eq. 7) needs either the backbone
-on the augmented images each step or a fixed, precomputed set of augmentations.
+
+Also the opt-in backbone-feature cache (`config.feature_cache`, issue 5): the backbones are frozen,
+so their outputs for the images that are never augmented (source images, clean target images, the
+pseudo-label passes) are computed once; only the consistency branch's augmented target view still
+runs the backbones at each step. Measured side by side: the same phase-2 step with and without
+cached features (images/s counts every image a step trains on, both ways), what building the cache
+costs per image, and its host memory per image (also projected for the paper's backbones).
 
     python benchmarks/train_step.py --quick        # tiny config, few rounds (seconds-minutes on CPU)
     python benchmarks/train_step.py                # tiny config, more rounds
+    python benchmarks/train_step.py --hiera base --quick --no-torch   # Hiera-B + DINOv2-S at 224, batch 2
     python benchmarks/train_step.py --paper --device   # Hiera-Huge + DINOv2-S at 224 (accelerator)
 
-Results: benchmarks/results/train_step.json (or --out).
+Results: benchmarks/results/train_step.json (or --out), one section per configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -159,25 +164,112 @@ def timed(fn, rounds: int) -> list[float]:
     return times
 
 
+def _spec(backbone):
+    """A config's backbone entry (a variant name or a config dict) as JSON."""
+    return backbone.to_dict() if hasattr(backbone, "to_dict") else backbone
+
+
+def cache_bytes_per_image(features) -> int:
+    """Host memory of one image's cached backbone outputs (leaves laid out (classes, per_class, ...))."""
+    import jax
+
+    return int(sum(np.prod(f.shape[2:]) * np.dtype(f.dtype).itemsize for f in jax.tree.leaves(features)))
+
+
+def paper_cache_bytes_per_image(image_size: int = 224) -> int:
+    """The same for the paper's backbones (Hiera-Huge + DINOv2-S, float32), from shapes alone."""
+    import jax
+    from flax import nnx
+
+    from nexvitad_jax.models import build_backbone
+
+    image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
+    total = 0
+    for family, variant in (("hiera", "huge"), ("dinov2", "small")):
+        module = nnx.eval_shape(lambda: build_backbone(family, variant, rngs=nnx.Rngs(0)))
+        outputs = nnx.eval_shape(lambda m, x: m(x), module, image)
+        outputs = outputs if family == "hiera" else outputs[0]  # DINOv2: (patch grid, cls token)
+        total += sum(int(np.prod(f.shape[1:])) * 4 for f in jax.tree.leaves(outputs))
+    return total
+
+
+def paper_step_gflops(num_source: int = 11, num_target: int = 1, per_class: int = 4) -> dict[str, float]:
+    """XLA's FLOP count of the paper config's phase-2 step (Hiera-Huge + DINOv2-S at 224, an 11/1
+    split, 4 images per class) with and without the cache, from the lowered programs: shapes only,
+    nothing is placed on a device or run."""
+    import unittest.mock
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from experiments.configs import paper
+    from nexvitad_jax.train.loop import build_model
+    from nexvitad_jax.train.step import TrainStep, make_mesh, make_optimizer
+
+    config = paper.get_config()
+    config.hiera_checkpoint = config.dinov2_checkpoint = ""
+    model = nnx.eval_shape(lambda: build_model(config, num_source, num_target))
+    with unittest.mock.patch("jax.device_put", lambda x, *args, **kwargs: x):  # abstract values stay abstract
+        trainer = TrainStep(model, make_optimizer(1e-4, 10, 1000), make_mesh(jax.devices()[:1]))
+    trainable, batch_stats = trainer._initial
+    state = {"trainable": trainable, "batch_stats": batch_stats,
+             "opt_state": jax.eval_shape(trainer.optimizer.init, trainable),
+             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    size = int(config.image_size)
+
+    def images(classes):
+        return jax.ShapeDtypeStruct((classes, per_class, size, size, 3), jnp.uint8)
+
+    batch = {"source_images": images(num_source),
+             "source_masks": jax.ShapeDtypeStruct((num_source, per_class, size, size), jnp.bool_),
+             "target_images": images(num_target),
+             "target_labels": jax.ShapeDtypeStruct((num_target, per_class, size, size), jnp.int32)}
+    features = trainer._backbone_features_fn
+    cached = {key: value for key, value in batch.items() if key != "source_images"}
+    cached["source_features"] = jax.eval_shape(features, state, trainer.frozen, batch["source_images"])
+    cached["target_features"] = jax.eval_shape(features, state, trainer.frozen, batch["target_images"])
+
+    def gflops(fn, *args) -> float:
+        analysis = jax.jit(fn).lower(*args).cost_analysis()
+        return float((analysis if isinstance(analysis, dict) else analysis[0])["flops"]) / 1e9
+
+    step = functools.partial(trainer._train_step, phase=2)
+    uncached_gflops = gflops(step, state, trainer.frozen, batch)
+    cached_gflops = gflops(step, state, trainer.frozen, cached)
+    return {"split": f"{num_source}/{num_target}", "per_class": per_class,
+            "images_per_step": (num_source + 2 * num_target) * per_class,
+            "uncached": uncached_gflops, "cached": cached_gflops, "ratio": uncached_gflops / cached_gflops,
+            "backbones_per_image": gflops(features, state, trainer.frozen, images(1)) / per_class}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--paper", action="store_true", help="the paper config (random weights) instead of tiny")
+    parser.add_argument("--hiera", help="the paper config with this Hiera variant (random weights), e.g. base")
+    parser.add_argument("--per-class", type=int, default=2, help="with --hiera: images per class in a step")
     parser.add_argument("--device", action="store_true", help="running on an accelerator: skip nothing, report it")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "train_step.json"))
     args = parser.parse_args(argv)
 
     import jax
-    import torch
 
     from experiments.configs import paper, tiny
     from nexvitad_jax.train.loop import build_model
     from nexvitad_jax.train.step import TrainStep, batch_sharding, make_mesh, make_optimizer
 
-    config = (paper if args.paper else tiny).get_config()
-    if args.paper:
+    config = (paper if args.paper or args.hiera else tiny).get_config()
+    name = "tiny"
+    if args.paper or args.hiera:
         config.hiera_checkpoint = config.dinov2_checkpoint = ""  # random weights: speed only
+        name = "paper"
+    if args.hiera:
+        config.hiera = args.hiera
+        config.source_per_class = config.target_per_class = args.per_class
+        name = f"hiera-{args.hiera}-{config.image_size}-batch{args.per_class}"
     num_source, num_target = 2, 1
     per_source, per_target = int(config.source_per_class), int(config.target_per_class)
     size = int(config.image_size)
@@ -203,7 +295,25 @@ def main(argv=None) -> int:
         holder["state"], m = trainer(holder["state"], placed, 2)
         jax.block_until_ready(m["loss"])
 
-    # Backbone share of the step (what a feature cache would save).
+    # The feature cache: what building it costs per image (after its compilation), then the same
+    # step on cached source and clean-target features.
+    jax.block_until_ready(trainer.backbone_features(holder["state"], placed["source_images"]))
+    began = time.perf_counter()
+    source_features = jax.block_until_ready(trainer.backbone_features(holder["state"], placed["source_images"]))
+    cache_s_per_image = (time.perf_counter() - began) / (num_source * per_source)
+    cached = {key: value for key, value in placed.items() if key != "source_images"}
+    cached["source_features"] = source_features
+    cached["target_features"] = trainer.backbone_features(holder["state"], placed["target_images"])
+    compile_began = time.perf_counter()
+    holder["state"], metrics = trainer(holder["state"], cached, 2)
+    jax.block_until_ready(metrics["loss"])
+    cached_compile_s = time.perf_counter() - compile_began
+
+    def jax_cached_step():
+        holder["state"], m = trainer(holder["state"], cached, 2)
+        jax.block_until_ready(m["loss"])
+
+    # Backbone share of the step (an upper bound on what any feature cache can save).
     images, _ = jax.jit(lambda b, r: trainer._step_images(b, r, 2))(placed, jax.random.key(0))
     backbone = jax.jit(lambda s, f, x: nnx_model_backbone(trainer, s, f, x))
 
@@ -211,50 +321,75 @@ def main(argv=None) -> int:
         jax.block_until_ready(backbone(holder["state"], trainer.frozen, images))
 
     backbone_only()
+    candidates = {"jax": jax_step, "jax_feature_cache": jax_cached_step, "jax_backbone_forward_only": backbone_only}
 
-    torch.manual_seed(0)
-    torch_model = torch_reference(config, num_source, num_target).train()
-    optimizer = torch.optim.Adam([p for p in torch_model.parameters() if p.requires_grad], lr=1e-4)
-    step = torch_step_fn(torch_model, optimizer, num_source, num_target, per_source, per_target)
-    t_args = (torch.from_numpy(batch["source_images"].reshape(-1, size, size, 3)).permute(0, 3, 1, 2).float() / 255,
-              torch.from_numpy(batch["source_masks"].reshape(-1, size, size)).long(),
-              torch.from_numpy(batch["target_images"].reshape(-1, size, size, 3)).permute(0, 3, 1, 2).float() / 255,
-              torch.from_numpy(batch["target_labels"].reshape(-1, size, size)).long(),
-              torch.rand(num_target * per_target) < 0.5, torch.randint(0, 4, (num_target * per_target,)),
-              torch.ones(num_target * per_target))
-    step(*t_args)  # warm-up
-    candidates = {"jax": jax_step, "jax_backbone_forward_only": backbone_only, "torch_eager": lambda: step(*t_args)}
-    if not args.no_compile:
-        compiled = torch.compile(step)
-        began = time.perf_counter()
-        try:
-            compiled(*t_args)
-            candidates["torch_compile"] = lambda: compiled(*t_args)
-        except Exception as error:  # report, do not hide
-            print(f"torch.compile failed: {error}", file=sys.stderr)
-        torch_compile_s = time.perf_counter() - began
+    torch_compile_s = None
+    if not args.no_torch:
+        import torch
+
+        torch.manual_seed(0)
+        torch_model = torch_reference(config, num_source, num_target).train()
+        optimizer = torch.optim.Adam([p for p in torch_model.parameters() if p.requires_grad], lr=1e-4)
+        step = torch_step_fn(torch_model, optimizer, num_source, num_target, per_source, per_target)
+        t_args = (torch.from_numpy(batch["source_images"].reshape(-1, size, size, 3)).permute(0, 3, 1, 2).float() / 255,
+                  torch.from_numpy(batch["source_masks"].reshape(-1, size, size)).long(),
+                  torch.from_numpy(batch["target_images"].reshape(-1, size, size, 3)).permute(0, 3, 1, 2).float() / 255,
+                  torch.from_numpy(batch["target_labels"].reshape(-1, size, size)).long(),
+                  torch.rand(num_target * per_target) < 0.5, torch.randint(0, 4, (num_target * per_target,)),
+                  torch.ones(num_target * per_target))
+        step(*t_args)  # warm-up
+        candidates["torch_eager"] = lambda: step(*t_args)
+        if not args.no_compile:
+            compiled = torch.compile(step)
+            began = time.perf_counter()
+            try:
+                compiled(*t_args)
+                candidates["torch_compile"] = lambda: compiled(*t_args)
+            except Exception as error:  # report, do not hide
+                print(f"torch.compile failed: {error}", file=sys.stderr)
+            torch_compile_s = time.perf_counter() - began
     times = {name: [] for name in candidates}
-    for _ in range(rounds):  # alternate frameworks each round
-        for name, fn in candidates.items():
-            times[name] += timed(fn, 1)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    for _ in range(rounds):  # alternate candidates each round
+        for candidate, fn in candidates.items():
+            times[candidate] += timed(fn, 1)
+    median = {candidate: statistics.median(t) for candidate, t in times.items()}
+
     result = {
-        "config": "paper" if args.paper else "tiny", "image_size": size, "images_per_step": images_per_step,
-        "rounds": rounds, "device": str(jax.devices()[0]), "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(), "jax_compile_s": jax_compile_s,
-        "median_step_s": median,
-        "images_per_s": {name: images_per_step / t for name, t in median.items() if name != "jax_backbone_forward_only"},
-        "ratio_jax_over_torch_eager": median["torch_eager"] / median["jax"],
+        "config": name, "image_size": size, "hiera": _spec(config.hiera), "dinov2": _spec(config.dinov2),
+        "images_per_step": images_per_step, "rounds": rounds, "device": str(jax.devices()[0]),
+        "platform": platform.platform(), "cpu_cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
+        "jax_compile_s": jax_compile_s, "median_step_s": median,
+        "images_per_s": {candidate: images_per_step / t for candidate, t in median.items()
+                         if candidate != "jax_backbone_forward_only"},
         "feature_cache": {
-            "backbone_share_of_step": median["jax_backbone_forward_only"] / median["jax"],
-            "note": "a cache of the frozen backbones' outputs removes at most this share; the augmented "
-                    "target view still needs the backbone each step (or a fixed precomputed augmentation set)"},
+            "images_per_s": {"uncached": images_per_step / median["jax"],
+                             "cached": images_per_step / median["jax_feature_cache"]},
+            "speedup": median["jax"] / median["jax_feature_cache"],
+            "backbone_images_per_step": {"uncached": images_per_step, "cached": num_target * per_target},
+            "backbone_share_of_uncached_step": median["jax_backbone_forward_only"] / median["jax"],
+            "cached_step_compile_s": cached_compile_s,
+            "build_s_per_image": cache_s_per_image,
+            "host_bytes_per_image": cache_bytes_per_image(source_features),
+            "paper_host_bytes_per_image": paper_cache_bytes_per_image(),
+            "paper_step_gflops_xla_count": paper_step_gflops(),
+            "augmentation": "unchanged: only the consistency branch's target view is augmented (fresh "
+                            "transforms every step) and it still runs the backbones; source images, clean "
+                            "target images and pseudo-label passes are never augmented and come from the cache",
+        },
     }
-    if "torch_compile" in median:
-        result["ratio_jax_over_torch_compile"] = median["torch_compile"] / median["jax"]
-        result["torch_compile_s"] = torch_compile_s
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if not args.no_torch:
+        result["torch_threads"] = torch.get_num_threads()
+        result["ratio_jax_over_torch_eager"] = median["torch_eager"] / median["jax"]
+        if "torch_compile" in median:
+            result["ratio_jax_over_torch_compile"] = median["torch_compile"] / median["jax"]
+            result["torch_compile_s"] = torch_compile_s
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sections = json.loads(out.read_text()) if out.is_file() else {}
+    if "config" in sections:  # the earlier one-configuration layout
+        sections = {}
+    sections[name] = result
+    out.write_text(json.dumps(sections, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
 
