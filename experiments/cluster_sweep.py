@@ -113,7 +113,7 @@ def sweep_class(extractor, config, dataset, category: str, seed: int, ks: Sequen
 def execute(workdir: Path, progress: bool, *, config, data: str, split: str, seed: int,
             ks: Sequence[int]) -> dict[str, Any]:
     from nexvitad_jax.data import open_dataset
-    from nexvitad_jax.pipeline import (EncoderFeatureExtractor, _atomic_write, mean_metrics, resolve_classes,
+    from nexvitad_jax.pipeline import (EncoderFeatureExtractor, atomic_write, mean_metrics, resolve_classes,
                                        resolve_split)
     from nexvitad_jax.train.loop import train
 
@@ -126,7 +126,7 @@ def execute(workdir: Path, progress: bool, *, config, data: str, split: str, see
     for category in target:  # per-class results resume like the main job's
         path = workdir / "classes" / f"{category}.json"
         if not path.is_file():
-            _atomic_write(path, json.dumps(sweep_class(extractor, config, dataset, category, seed, ks), indent=1) + "\n")
+            atomic_write(path, json.dumps(sweep_class(extractor, config, dataset, category, seed, ks), indent=1) + "\n")
         per_class[category] = json.loads(path.read_text())
     mean = {str(k): mean_metrics([per_class[c]["per_k"][str(k)] for c in target]) for k in ks}
     return {"source": source, "target": target, "ks": list(ks), "per_class": per_class, "mean": mean}

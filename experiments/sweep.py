@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.pipeline import _atomic_write, add_run_arguments, config_dict
+from nexvitad_jax.pipeline import atomic_write, add_run_arguments, config_dict
 
 RECORD_FORMAT = 1
 
@@ -118,7 +118,7 @@ def execute_run(out: Path, run: Run, progress: bool) -> dict[str, Any]:
     record = {"format": RECORD_FORMAT, "name": run.name, "key": run.key(), "params": run.params,
               "config": config_dict(run.config), "result": result, "wall_s": time.perf_counter() - began,
               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node()}
-    _atomic_write(result_path(out, run), json.dumps(record, indent=1, default=float) + "\n")
+    atomic_write(result_path(out, run), json.dumps(record, indent=1, default=float) + "\n")
     return record
 
 
@@ -164,8 +164,8 @@ def write_aggregate(sweep: Sweep, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     plots = sweep.plot(summary, out) if records else []
     images = "".join(f"\n![{path.stem}]({path.name})\n" for path in plots)
-    _atomic_write(out / f"{sweep.name}.json", json.dumps(aggregate, indent=1, default=float) + "\n")
-    _atomic_write(out / f"{sweep.name}.md", f"# {sweep.title}\n\n{status}\n\n{markdown}{images}")
+    atomic_write(out / f"{sweep.name}.json", json.dumps(aggregate, indent=1, default=float) + "\n")
+    atomic_write(out / f"{sweep.name}.md", f"# {sweep.title}\n\n{status}\n\n{markdown}{images}")
     return aggregate
 
 

@@ -70,26 +70,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare word is a string
-        node, *rest = key.split(".")
+        *parents, last = key.split(".")
         target = config
-        for part in [node, *rest][:-1]:
+        for part in parents:
             if part not in target:
                 raise UserInputError(f"--set {item!r}: the config has no field {part!r}")
             target = target[part]
-        last = key.split(".")[-1]
         if last not in target:
             raise UserInputError(f"--set {item!r}: the config has no field {last!r}; fields: {sorted(target.keys())}")
-        with config.unlocked() if hasattr(config, "unlocked") else _nullcontext():
+        try:
             target[last] = value
+        except TypeError as error:  # ConfigDict keeps each field's type
+            raise UserInputError(f"--set {item!r}: {error}") from None
     return config
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def config_dict(config) -> dict[str, Any]:
@@ -201,15 +194,15 @@ class DecoderSegmenter:
         return maps, jnp.max(maps, axis=(1, 2))
 
     def __call__(self, images: np.ndarray, head: int, batch_size: int, progress=None) -> tuple[np.ndarray, np.ndarray]:
+        from nexvitad_jax.inference.detector import padded_batches
+
         maps, scores = [], []
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
+        for count, padded in padded_batches(images, batch_size):
             batch_maps, batch_scores = self._pipeline(self._state, jnp.asarray(padded), head=int(head))
-            maps.append(np.asarray(batch_maps[:len(batch)]))
-            scores.append(np.asarray(batch_scores[:len(batch)]))
+            maps.append(np.asarray(batch_maps[:count]))
+            scores.append(np.asarray(batch_scores[:count]))
             if progress is not None:
-                progress.update(len(batch))
+                progress.update(count)
         return np.concatenate(maps), np.concatenate(scores)
 
 
@@ -251,7 +244,8 @@ def _writes_outputs() -> bool:
     return jax.process_index() == 0
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write a text file so a reader (or a resumed run) never sees it half-written."""
     if not _writes_outputs():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,7 +254,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
+def atomic_savez(path: Path, **arrays) -> None:
     if not _writes_outputs():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +279,7 @@ def _check_workdir(workdir: Path, identity: dict) -> None:
             raise UserInputError(f"{workdir} holds another run (differences: {'; '.join(differences) or 'format'}); "
                                  "use a new --workdir, or delete that one to start over")
     else:
-        _atomic_write(path, json.dumps({"key": _run_key(identity), "identity": identity}, indent=1) + "\n")
+        atomic_write(path, json.dumps({"key": _run_key(identity), "identity": identity}, indent=1) + "\n")
 
 
 def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print) -> dict[str, Any]:
@@ -363,7 +357,7 @@ def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print)
             class_metrics[method] = evaluate_maps(maps[method], test.masks, maps[f"{method}_image_scores"],
                                                   test.labels)
         for method in spec.methods:  # `nexvitad evaluate maps/CLASS.METHOD.npz` reads these
-            _atomic_savez(workdir / "maps" / f"{category}.{method}.npz", scores=maps[method], masks=test.masks,
+            atomic_savez(workdir / "maps" / f"{category}.{method}.npz", scores=maps[method], masks=test.masks,
                           image_scores=maps[f"{method}_image_scores"], labels=test.labels)
         from nexvitad_jax.report import heatmap_grid
 
@@ -371,7 +365,7 @@ def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print)
             heatmap_grid(workdir / "heatmaps" / f"{category}.png", category, test,
                          {method: maps[method] for method in spec.methods})
         per_class[category] = class_metrics
-        _atomic_write(result_path, json.dumps({"metrics": class_metrics, "timings": class_timings,
+        atomic_write(result_path, json.dumps({"metrics": class_metrics, "timings": class_timings,
                                                "n_test": len(test), "n_anomalous": int(test.labels.sum())},
                                               indent=1) + "\n")
         summary = ", ".join(f"{m} pixel AUROC {_fmt(class_metrics[m]['pixel_auroc'])}" for m in spec.methods)
@@ -387,16 +381,16 @@ def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print)
                "timings": timings, "config": config_dict(config)}
     from nexvitad_jax.report import results_markdown
 
-    _atomic_write(workdir / "metrics.json", json.dumps(results, indent=1) + "\n")
-    _atomic_write(workdir / "results.md", results_markdown(results))
+    atomic_write(workdir / "metrics.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(workdir / "results.md", results_markdown(results))
     return results
 
 
 def load_config_copy(config, **changes):
-    copy = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else dict(config)
-    with copy.unlocked() if hasattr(copy, "unlocked") else _nullcontext():
-        for key, value in changes.items():
-            copy[key] = value
+    """A copy of `config` with some fields changed (the original is left alone)."""
+    copy = config.copy_and_resolve_references()
+    for key, value in changes.items():
+        copy[key] = value
     return copy
 
 

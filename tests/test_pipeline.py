@@ -21,6 +21,8 @@ def test_load_config_overrides_and_errors(tmp_path):
     assert config.bank_features == "hiera-adapted"
     with pytest.raises(UserInputError, match="no field 'epochz'"):
         pipeline.load_config(None, ["epochz=3"])
+    with pytest.raises(UserInputError, match="--set 'epochs=\"many\"'"):
+        pipeline.load_config(None, ['epochs="many"'])  # the field is an int
     with pytest.raises(UserInputError, match="KEY=VALUE"):
         pipeline.load_config(None, ["epochs"])
     with pytest.raises(UserInputError, match="no such file"):

@@ -164,9 +164,12 @@ def describe_differences(saved: Any, current: Any, prefix: str = "") -> list[str
     return [] if saved == current else [f"{prefix}: saved {saved!r}, now {current!r}"]
 
 
-def _batches(count: int, batch_size: int):
-    for start in range(0, count, batch_size):
-        yield start, min(start + batch_size, count)
+def padded_batches(images: np.ndarray, batch_size: int):
+    """Fixed-size batches, the last one padded by repeating its last image (so one compilation):
+    yields (number of real images, padded batch)."""
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        yield len(batch), np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
 
 
 class AnomalyDetector:
@@ -196,12 +199,10 @@ class AnomalyDetector:
         """Features of `images` in fixed-size batches (the last one padded, so one compilation)."""
         images = self._check_images(images, "images")
         parts = []
-        for start, stop in _batches(len(images), self.batch_size):
-            batch = images[start:stop]
-            padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), 0)])
-            parts.append([f[:len(batch)] for f in self.extractor(jnp.asarray(padded))])
+        for count, padded in padded_batches(images, self.batch_size):
+            parts.append([f[:count] for f in self.extractor(jnp.asarray(padded))])
             if progress is not None:
-                progress.update(len(batch))
+                progress.update(count)
         return [jnp.concatenate(layer) for layer in zip(*parts)]
 
     def fit(self, normal_images, progress=None) -> AnomalyDetector:
@@ -216,17 +217,15 @@ class AnomalyDetector:
             raise UserInputError("the detector has no memory bank: call fit(normal_images) or load(directory)")
         images = self._check_images(images, "images")
         maps, scores = [], []
-        for start, stop in _batches(len(images), self.batch_size):
-            batch = images[start:stop]
-            padded = np.concatenate([batch, np.repeat(batch[-1:], self.batch_size - len(batch), 0)])
+        for count, padded in padded_batches(images, self.batch_size):
             features = self.extractor(jnp.asarray(padded))
             check_layers(features, self.memory_bank.prototypes)
             batch_maps, batch_scores = anomaly_maps(features, self.memory_bank.prototypes,
                                                     image_size=tuple(images.shape[1:3]), sigma=self.sigma)
-            maps.append(np.asarray(batch_maps[:len(batch)]))
-            scores.append(np.asarray(batch_scores[:len(batch)]))
+            maps.append(np.asarray(batch_maps[:count]))
+            scores.append(np.asarray(batch_scores[:count]))
             if progress is not None:
-                progress.update(len(batch))
+                progress.update(count)
         return np.concatenate(maps), np.concatenate(scores)
 
     def config(self) -> dict[str, Any]:
