@@ -23,11 +23,20 @@ marginal error b - sum_i a_i w_i and whose Hessian is the K x K matrix
 linearly and slowly on banks of well-separated modes: warm-started from the last iteration's
 potentials, ~3,100 Sinkhorn iterations over 10 iterations at K = 40 on the benchmark's 64-mode bank
 (N = 31,360, D = 2048). Damped Newton on F, warm-started the same way, reaches the same marginal
-error in ~100 passes (3-22 per solve), each one pass over the (N, K) cost plus a K x K Cholesky
-solve. OTT-JAX's Sinkhorn then starts from the Newton potentials: it checks the marginal error
-against its threshold (after one iteration) and keeps iterating where Newton stopped short, so the
-solution and the convergence flag are Sinkhorn's. Newton runs for K <= NEWTON_MAX_K (its Hessian
-costs N K^2 per pass); above, Sinkhorn alone (warm-started).
+error in ~350 passes over the 5 runs of the benchmark's sweep (2-24 per solve), each one pass over
+the (N, K) cost plus a K x K Cholesky solve; its Hessian comes from a strided subsample of the rows
+(the gradient and the stopping test use every row). Two things shorten the solves: a warm-up on
+a strided subsample of the bank (~4096 rows) takes the large early steps at a fraction of the cost
+(5-12% faster at N = 300,000), and the warm start is shifted by the prototypes' moves: moving p_j
+to the weighted mean of its points lowers their weighted mean cost by exactly ||p_j^new - p_j||^2,
+so g_j starts that much lower. OTT-JAX's Sinkhorn then starts from the Newton potentials: it
+checks the marginal error against its threshold (after one iteration) and keeps iterating where
+Newton stopped short, so the solution and the convergence flag are Sinkhorn's. Newton runs for
+K <= NEWTON_MAX_K (its Hessian costs ~8 K^3 per pass); above, Sinkhorn alone (warm-started).
+
+k-means++ costs one pass over the bank per center, done naively; `kmeans_plus_plus` draws exactly
+from D^2 with a pass every few centers (rejection sampling in between; its docstring): 40 centers
+of the benchmark bank in 0.09 s instead of 0.35 s.
 
 Memory: the (N, K) cost is materialized when it is no larger than the bank itself or fits
 `dense_cost_bytes`; otherwise every pass recomputes it block by block (OTT's
@@ -37,11 +46,13 @@ and N can exceed 10^6.
 `sweep_k` fits many K on one bank as one compiled program, and in one pass over the bank per
 iteration for all of them: the prototypes of every run are concatenated (sum K rows) for one
 distance matmul and one weighted-mean matmul; the transport solves run one run after another
-inside the program (`lax.map` over the runs padded to max K with masked prototypes of zero
-target mass: each solve stops on its own, on arrays small enough for the cache, ~2x faster than
-batching them), and a run whose prototypes stopped moving is frozen while the others go on.
-k-means++ draws its t-th center from a key folded with t, so the first K centers of a max(K)
-initialization are exactly the K-center initialization: a sweep run equals the run of that K alone.
+inside the program, each on its own (N, K) slice of the costs, so each stops on its own and none
+pays for the largest K's width. Runs whose K differ by at most GROUP_PAD_RATIO share one compiled
+solve (`lax.map`, padded to the group's largest K with masked prototypes of zero target mass), so
+a sweep over many K compiles a few solves. A run whose prototypes stopped moving is frozen while
+the others go on. k-means++ draws its t-th center from keys folded with t, so the first K centers
+of a max(K) initialization are exactly the K-center initialization: a sweep run equals the run of
+that K alone.
 """
 
 from __future__ import annotations
@@ -65,6 +76,14 @@ NEWTON_START_MOVE = 16.0  # the radius a solve starts with (both measured on the
 # Newton's Hessian from a strided subsample of ~8 rows per prototype (the gradient and the stopping
 # test use every row): at K = 256, N = 31,360 ~1.8x faster per iteration for ~10% more passes.
 HESSIAN_ROWS_PER_PROTOTYPE = 8
+HESSIAN_MIN_ROWS = 4096  # and at least this many (K <= 512): ~1.5x fewer passes at K = 40 for ~nothing
+NEWTON_TOL_FACTOR = 0.1  # Newton solves to 0.1x the Sinkhorn threshold: Sinkhorn confirms in one iteration
+# Newton's warm-up subsample: max(4096, 32 K) rows, used when the bank has >= 4x as many.
+NEWTON_SUBSAMPLE_MIN_ROWS = 4096
+NEWTON_SUBSAMPLE_ROWS_PER_PROTOTYPE = 32
+GROUP_PAD_RATIO = 1.25  # runs share a compiled transport solve when their K differ by at most this factor
+KMEANS_PP_BLOCK = 16  # most centers drawn between two passes of k-means++ over the bank
+KMEANS_PP_ATTEMPTS = 32  # rejections before a k-means++ draw brings its distances up to date
 _BLOCK_ELEMENTS = 1 << 26  # (rows x padded prototypes) per block of a pass: one block up to N ~ 10^5
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -140,28 +159,74 @@ def total_variance(x: jax.Array) -> jax.Array:
 
 
 def kmeans_plus_plus(x: jax.Array, k: int, rng: jax.Array) -> jax.Array:
-    """k-means++ seeding: center t is drawn with probability ~ D^2 using key fold_in(rng, t), so the
-    first k centers do not depend on how many more are drawn."""
-    n = x.shape[0]
+    """k-means++ seeding: center t is drawn with probability ~ D^2, the squared distance to the
+    nearest earlier center, from keys folded with t, so the first k centers do not depend on how
+    many more are drawn.
+
+    Exact D^2 sampling with a pass over the bank every few centers instead of every center (the
+    passes are what k-means++ costs: one matrix-vector product over the bank per center). The
+    nearest-center distances U are brought up to date when 2, 4, 8, 16, 32, 48, 64, ... centers are
+    drawn (KMEANS_PP_BLOCK at most in between), each update one (N, D) x (D, KMEANS_PP_BLOCK) matmul. In
+    between, center t is drawn by rejection: propose point i with probability ~ U_i (a binary search
+    in the cumulative sum of U), accept it with probability D^2_i / U_i, D^2_i also counting the
+    centers since the last update; an accepted proposal is distributed exactly ~ D^2. After
+    KMEANS_PP_ATTEMPTS rejections U is brought up to date and the center drawn from it directly.
+    """
+    n, d = x.shape
+    block = KMEANS_PP_BLOCK
     x_sq = jnp.sum(x * x, axis=1)
     first = jax.random.randint(jax.random.fold_in(rng, 0), (), 0, n)
-    centers = jnp.zeros((k, x.shape[1]), x.dtype).at[0].set(x[first])
+    centers = jnp.zeros((k + block, d), x.dtype).at[0].set(x[first])  # room for a full pending block
 
-    def point_distances(center):
-        cross = jnp.dot(x, center, precision=_HIGHEST)
-        return jnp.maximum(x_sq - 2.0 * cross + jnp.dot(center, center), 0.0)
+    def pending_mask(t, synced):
+        return jnp.arange(block) < t - synced
 
-    def draw(t, carry):
-        centers, min_sq = carry
-        logits = jnp.where(min_sq > 0, jnp.log(jnp.where(min_sq > 0, min_sq, 1.0)), -jnp.inf)
-        # All points on existing centers (duplicates): fall back to a uniform draw.
-        logits = jnp.where(jnp.any(min_sq > 0), logits, jnp.zeros_like(logits))
-        index = jax.random.categorical(jax.random.fold_in(rng, t), logits)
-        center = x[index]
-        return centers.at[t].set(center), jnp.minimum(min_sq, point_distances(center))
+    def update(t, state):
+        """U and its cumulative sum from every center before t (the pending ones since `synced`)."""
+        centers, min_sq, _, synced = state
+        pending = jax.lax.dynamic_slice_in_dim(centers, synced, block)
+        distances = _distances_from_norms(x, x_sq, pending, jnp.sum(pending * pending, axis=1))
+        min_sq = jnp.minimum(min_sq, jnp.min(jnp.where(pending_mask(t, synced), distances, jnp.inf), axis=1))
+        return centers, min_sq, jnp.cumsum(min_sq), t
 
-    centers, _ = jax.lax.fori_loop(1, k, draw, (centers, point_distances(centers[0])))
-    return centers
+    def propose(key, cdf):
+        """A point with probability ~ U (uniform when every U is 0: all points on centers)."""
+        total = cdf[-1]
+        index = jnp.searchsorted(cdf, jax.random.uniform(key, (), cdf.dtype) * total, side="right")
+        return jnp.where(total > 0, jnp.minimum(index, n - 1), jax.random.randint(key, (), 0, n))
+
+    def draw(t, state):
+        state = jax.lax.cond(t - state[3] >= jnp.minimum(block, state[3]), functools.partial(update, t),
+                             lambda state: state, state)
+        centers, min_sq, cdf, synced = state
+        pending = jax.lax.dynamic_slice_in_dim(centers, synced, block)
+        key = jax.random.fold_in(rng, t)
+
+        def attempt(carry):
+            a, _, _ = carry
+            proposal_key, accept_key = jax.random.split(jax.random.fold_in(key, a))
+            index = propose(proposal_key, cdf)
+            to_pending = jnp.where(pending_mask(t, synced), jnp.sum((pending - x[index]) ** 2, axis=1), jnp.inf)
+            nearest = jnp.minimum(min_sq[index], jnp.min(to_pending))
+            ratio = jnp.where(min_sq[index] > 0, nearest / min_sq[index], 1.0)  # U = 0 everywhere: uniform
+            return a + 1, index, jax.random.uniform(accept_key, (), x.dtype) < ratio
+
+        # Without pending centers U is D^2 and the first proposal is accepted.
+        _, index, accepted = jax.lax.while_loop(
+            lambda carry: ~carry[2] & (carry[0] < KMEANS_PP_ATTEMPTS), attempt,
+            (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), bool)))
+
+        def exact(state):
+            state = update(t, state)
+            return state, propose(jax.random.fold_in(key, KMEANS_PP_ATTEMPTS), state[2])
+
+        state, index = jax.lax.cond(accepted, lambda state: (state, index), exact, state)
+        centers, *rest = state
+        return centers.at[t].set(x[index]), *rest
+
+    min_sq = _distances_from_norms(x, x_sq, centers[:1], jnp.sum(centers[:1] ** 2, axis=1))[:, 0]
+    state = (centers, min_sq, jnp.cumsum(min_sq), jnp.ones((), jnp.int32))
+    return jax.lax.fori_loop(1, k, draw, state)[0][:k]
 
 
 @jax.jit
@@ -172,26 +237,71 @@ def transport_assignments(x, prototypes, result: KMeansResult) -> jax.Array:
     return jax.nn.softmax(logits, axis=1)
 
 
+class _Group(NamedTuple):
+    """Runs whose transport solves share one compiled solve (`lax.map`), padded to the group's
+    largest K with masked prototypes of zero target mass."""
+
+    runs: np.ndarray  # (G,) run indices
+    k: int  # the group's largest K: the width of its solves
+    mask: np.ndarray  # (G, k) live prototypes
+    columns: np.ndarray  # (G, k) compact column of each entry (0 where masked)
+
+    @property
+    def plain(self) -> bool:
+        """One run, no padding: its costs are a slice of the compact costs."""
+        return len(self.runs) == 1 and bool(self.mask.all())
+
+    def cost(self, compact_cost: jax.Array) -> jax.Array:
+        """(r, sum K) compact costs -> (G, r, k) this group's, 0 where masked."""
+        if self.plain:
+            start = int(self.columns[0, 0])
+            return compact_cost[None, :, start:start + self.k]
+        cost = jnp.moveaxis(jnp.take(compact_cost, self.columns, axis=-1), -2, 0)
+        return jnp.where(self.mask[:, None, :], cost, 0.0)
+
+    def live_columns(self, padded: jax.Array) -> jax.Array:
+        """(G, r, k) -> (r, live entries), run after run."""
+        if self.plain:
+            return padded[0]
+        flat = jnp.moveaxis(padded, 0, 1).reshape(padded.shape[1], -1)
+        return jnp.take(flat, np.flatnonzero(self.mask.reshape(-1)), axis=1)
+
+
 class _Runs:
-    """The static layout of S runs with cluster counts `ks`: prototypes concatenated ("compact",
-    sum K rows, run after run) for the matmuls, padded to (S, max K) with a mask for the solves."""
+    """The static layout of S runs with cluster counts `ks`. Prototypes are concatenated
+    ("compact", sum K rows, run after run) for the matmuls; per-run state is padded to (S, max K)
+    with a mask. The transport solves go by groups of runs whose K differ by at most
+    GROUP_PAD_RATIO (padding wastes <= 25% of a group's passes; each group compiles one solve)."""
 
     def __init__(self, ks: tuple[int, ...]):
         self.ks, self.k_max = ks, max(ks)
-        offsets = np.cumsum([0, *ks[:-1]])
+        self.offsets = np.cumsum([0, *ks[:-1]])
         self.mask = np.arange(self.k_max)[None, :] < np.asarray(ks)[:, None]  # (S, K)
-        self.gather = np.where(self.mask, offsets[:, None] + np.arange(self.k_max)[None, :], 0)  # padded <- compact
-        self.live = np.flatnonzero(self.mask.reshape(-1))  # compact <- flattened padded
+        self.gather = np.where(self.mask, self.offsets[:, None] + np.arange(self.k_max)[None, :], 0)  # padded <- compact
         self.run = np.repeat(np.arange(len(ks)), ks)  # run of each compact row
         self.first_centers = np.concatenate([np.arange(k) for k in ks])  # compact rows of a max-K init
+        self.groups: list[_Group] = []
+        order = sorted(range(len(ks)), key=lambda i: (ks[i], i))
+        while order:
+            size = sum(ks[i] <= GROUP_PAD_RATIO * ks[order[0]] for i in order)
+            members = np.asarray(order[:size])
+            k = max(ks[i] for i in members)
+            self.groups.append(_Group(members, k, self.mask[members, :k], self.gather[members, :k]))
+            order = order[size:]
+        # The joint weighted-mean matmul takes its columns group after group: back to compact order.
+        self.from_group_order = np.argsort(np.concatenate([g.columns[g.mask] for g in self.groups]))
+        self.runs_from_group_order = np.argsort(np.concatenate([g.runs for g in self.groups]))
 
     def pad(self, compact_columns: jax.Array) -> jax.Array:
         """(..., sum K) -> (..., S, K); masked entries are copies (mask them)."""
         return jnp.take(compact_columns, self.gather, axis=-1)
 
-    def compact(self, padded: jax.Array) -> jax.Array:
-        """(..., S, K) -> (..., sum K)."""
-        return jnp.take(padded.reshape(*padded.shape[:-2], -1), self.live, axis=-1)
+
+def _map(fn, xs):
+    """jax.lax.map, called directly for a single element (no loop around it)."""
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        return jax.tree.map(lambda a: a[None], fn(jax.tree.map(lambda a: a[0], xs)))
+    return jax.lax.map(fn, xs)
 
 
 class _Bank(NamedTuple):
@@ -203,15 +313,26 @@ class _Bank(NamedTuple):
     num_chunks: int
 
     def rows(self, c):
-        """Block c: (rows (chunk, D), squared norms, fresh (chunk,) bool). The last block is moved
-        back to end at N, and the rows an earlier block already covered are marked stale."""
-        n = self.x.shape[0]
+        """Block c: (rows (chunk, D), squared norms, fresh (chunk,) bool, start). The last block is
+        moved back to end at N, and the rows an earlier block already covered are marked stale."""
         if self.num_chunks == 1:  # the bank itself, not a sliced copy of it
-            return self.x, self.x_sq, jnp.ones((n,), bool), 0
-        start = jnp.minimum(c * self.chunk, n - self.chunk)
-        fresh = (start + jnp.arange(self.chunk)) >= c * self.chunk
-        return (jax.lax.dynamic_slice_in_dim(self.x, start, self.chunk),
-                jax.lax.dynamic_slice_in_dim(self.x_sq, start, self.chunk), fresh, start)
+            return self.x, self.x_sq, self.fresh(c), 0
+        return self.slice(c, self.x), self.slice(c, self.x_sq), self.fresh(c), self.start(c)
+
+    def start(self, c):
+        return jnp.minimum(c * self.chunk, self.x.shape[0] - self.chunk)
+
+    def fresh(self, c) -> jax.Array:
+        """(chunk,) bool: the rows of block c no earlier block covered."""
+        if self.num_chunks == 1:
+            return jnp.ones((self.x.shape[0],), bool)
+        return (self.start(c) + jnp.arange(self.chunk)) >= c * self.chunk
+
+    def slice(self, c, stored: jax.Array, axis: int = 0) -> jax.Array:
+        """Block c of an array stored for the whole bank (rows on `axis`)."""
+        if self.num_chunks == 1:
+            return stored
+        return jax.lax.dynamic_slice_in_dim(stored, self.start(c), self.chunk, axis=axis)
 
     def blocks(self, body, init):
         """fori_loop(0, num_chunks, body, init); a single block runs unlooped (a loop of sliced
@@ -219,27 +340,6 @@ class _Bank(NamedTuple):
         if self.num_chunks == 1:
             return body(0, init)
         return jax.lax.fori_loop(0, self.num_chunks, body, init)
-
-
-def _padded_cost(runs: _Runs, rows, rows_sq, prototypes, p_sq) -> jax.Array:
-    """(r, D) rows, compact (sum K, D) prototypes -> (S, r, K) squared distances, 0 where masked."""
-    cost = _distances_from_norms(rows, rows_sq, prototypes, p_sq)
-    return jnp.where(runs.mask[:, None, :], jnp.moveaxis(runs.pad(cost), 1, 0), 0.0)
-
-
-def _block_cost(bank, dense_cost, cost_of_rows):
-    """cost_of_block(c) -> (cost of block c, rows, fresh): a slice (axis -2) of the stored cost, or
-    `cost_of_rows(rows, rows_sq)` recomputed from the bank."""
-
-    def cost_of_block(c):
-        rows, rows_sq, fresh, start = bank.rows(c)
-        if dense_cost is not None and bank.num_chunks == 1:
-            return dense_cost, rows, fresh
-        if dense_cost is not None:
-            return jax.lax.dynamic_slice_in_dim(dense_cost, start, bank.chunk, axis=dense_cost.ndim - 2), rows, fresh
-        return cost_of_rows(rows, rows_sq), rows, fresh
-
-    return cost_of_block
 
 
 def _transport_rows(mask, g, cost, eps):
@@ -256,32 +356,30 @@ def _newton(bank, cost_of_block, g, mask, eps, threshold, skip, max_steps: int):
     """Damped Newton ascent on the semi-dual F(g) (module docstring) of one run: g, mask (K,).
 
     Each step is one pass: at the candidate g + delta it accumulates the column marginal mu, the
-    Hessian term sum_i a_i w_i w_i^T and the row log-normalizers lse_i = logsumexp_j((g_j - C_ij)/eps),
-    whose change against the current g's gives F(cand) - F(g) row by row (not as a difference of
-    two large sums). delta is the Newton step shortened to a trust radius (at most NEWTON_MAX_MOVE
-    eps per potential); a candidate is accepted on sufficient increase (Armijo). The solve stops when
-    the marginal error sum_j |mu_j - b_j| is below `threshold` (OTT's norm_error=1 criterion) or the
-    step stalls; `skip` skips it. Returns (g, f, passes) with f_i = eps log a_i - eps lse_i the row
-    potentials that go with g (meaningless when skipped).
+    Hessian term sum_i a_i w_i w_i^T (from a strided subsample of the rows) and the row
+    log-normalizers lse_i = logsumexp_j((g_j - C_ij)/eps), whose change against the current g's gives
+    F(cand) - F(g) row by row (not as a difference of two large sums). delta is the Newton step
+    shortened to a trust radius (at most NEWTON_MAX_MOVE eps per potential); a candidate is accepted
+    on sufficient increase (Armijo). The solve stops when the marginal error sum_j |mu_j - b_j| is
+    below `threshold` (OTT's norm_error=1 criterion) or the step stalls; `skip` skips it. Returns
+    (g, f, passes) with f_i = eps log a_i - eps lse_i the row potentials that go with g (meaningless
+    when skipped).
     """
     n = bank.x.shape[0]
     live = mask.astype(g.dtype)
     b = live / jnp.sum(live)
-
-    # The Hessian from every stride-th row: ~HESSIAN_ROWS_PER_PROTOTYPE rows per prototype.
-    stride = max(1, n // (HESSIAN_ROWS_PER_PROTOTYPE * g.shape[0]))
+    stride = max(1, n // max(HESSIAN_MIN_ROWS, HESSIAN_ROWS_PER_PROTOTYPE * g.shape[0]))
 
     def evaluate(candidate):
         def body(c, acc):
             mu, mu_sampled, hessian, lse_all = acc
-            cost, _, fresh = cost_of_block(c)
+            cost, fresh = cost_of_block(c)
             w, lse = _transport_rows(mask, candidate, cost, eps)
-            w = w * fresh[:, None]
-            sampled = w[::stride]
-            start = jnp.minimum(c * bank.chunk, n - bank.chunk)
-            return (mu + w.sum(0), mu_sampled + sampled.sum(0),
+            # The subsample's rows are recomputed from its costs: w itself stays in the fused reduction.
+            sampled = _transport_rows(mask, candidate, cost[::stride], eps)[0] * fresh[::stride, None]
+            return (mu + jnp.sum(w * fresh[:, None], axis=0), mu_sampled + sampled.sum(0),
                     hessian + jnp.dot(sampled.T, sampled, precision=_HIGHEST),
-                    jax.lax.dynamic_update_slice_in_dim(lse_all, lse, start, axis=0))
+                    jax.lax.dynamic_update_slice_in_dim(lse_all, lse, bank.start(c), axis=0))
 
         zeros = (jnp.zeros_like(g), jnp.zeros_like(g), jnp.zeros(g.shape * 2, g.dtype), jnp.zeros((n,), g.dtype))
         mu, mu_sampled, hessian, lse = bank.blocks(body, zeros)
@@ -327,21 +425,28 @@ def _newton(bank, cost_of_block, g, mask, eps, threshold, skip, max_steps: int):
     return state["g"], -eps * (state["lse"] + jnp.log(jnp.asarray(n, g.dtype))), state["passes"]
 
 
-def _weighted_sums(runs, bank, cost_of_block, g, eps):
-    """Sum_i w_ij x_i (compact, sum K x D), sum_i w_ij (S, K) and sum_ij w_ij C_ij (S,), block by block:
-    one (sum K, chunk) x (chunk, D) matmul per block for all runs."""
+def _weighted_sums(runs, bank, compact_cost_of_block, g, eps):
+    """Sum_i w_ij x_i (compact, sum K x D), sum_i w_ij (compact, sum K) and sum_ij w_ij C_ij (S,),
+    block by block: one (sum K, chunk) x (chunk, D) matmul per block for all runs; g: (S, max K)."""
 
     def body(c, acc):
         sums, counts, soft_cost = acc
-        cost, rows, fresh = cost_of_block(c)
-        w = _transport_rows(jnp.asarray(runs.mask), g, cost, eps)[0] * fresh[None, :, None]
-        w_compact = runs.compact(jnp.moveaxis(w, 0, 1))  # (chunk, sum K)
-        return (sums + jnp.dot(w_compact.T, rows, precision=_HIGHEST), counts + w.sum(1),
-                soft_cost + jnp.sum(w * cost, axis=(1, 2)))
+        rows, compact_cost, fresh = compact_cost_of_block(c)
+        weights, soft = [], []
+        for group in runs.groups:
+            cost = group.cost(compact_cost)
+            w = _transport_rows(group.mask, g[group.runs, :group.k], cost, eps)[0] * fresh[None, :, None]
+            weights.append(group.live_columns(w))
+            soft.append(jnp.sum(w * cost, axis=(1, 2)))
+        w = jnp.concatenate(weights, axis=1) if len(weights) > 1 else weights[0]  # (chunk, sum K), group order
+        return (sums + jnp.dot(w.T, rows, precision=_HIGHEST), counts + w.sum(0),
+                soft_cost + jnp.concatenate(soft))
 
-    s, k, d = len(runs.ks), runs.k_max, bank.x.shape[1]
-    zeros = (jnp.zeros((len(runs.run), d), bank.x.dtype), jnp.zeros((s, k), bank.x.dtype), jnp.zeros((s,), bank.x.dtype))
-    return bank.blocks(body, zeros)
+    sum_k, d = len(runs.run), bank.x.shape[1]
+    zeros = (jnp.zeros((sum_k, d), bank.x.dtype), jnp.zeros((sum_k,), bank.x.dtype),
+             jnp.zeros((len(runs.ks),), bank.x.dtype))
+    sums, counts, soft_cost = bank.blocks(body, zeros)
+    return sums[runs.from_group_order], counts[runs.from_group_order], soft_cost[runs.runs_from_group_order]
 
 
 def _min_sq_distance_mean(runs, bank, prototypes):
@@ -350,8 +455,8 @@ def _min_sq_distance_mean(runs, bank, prototypes):
 
     def body(c, total):
         rows, rows_sq, fresh, _ = bank.rows(c)
-        cost = _padded_cost(runs, rows, rows_sq, prototypes, p_sq)
-        nearest = jnp.min(jnp.where(runs.mask[:, None, :], cost, jnp.inf), axis=2)
+        cost = _distances_from_norms(rows, rows_sq, prototypes, p_sq)
+        nearest = jnp.stack([jnp.min(cost[:, start:start + k], axis=1) for start, k in zip(runs.offsets, runs.ks)])
         return total + jnp.sum(jnp.where(fresh, nearest, 0.0), axis=1)
 
     total = bank.blocks(body, jnp.zeros((len(runs.ks),), bank.x.dtype))
@@ -368,8 +473,14 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
     eps = epsilon * scale
     mask = jnp.asarray(runs.mask)
     a = jnp.full((n,), 1.0 / n, x.dtype)
-    b = mask / jnp.sum(mask, axis=1, keepdims=True).astype(x.dtype)  # uniform 1/K, 0 on the padding
     use_newton = newton_steps > 0 and runs.k_max <= NEWTON_MAX_K
+    # Newton's warm-up subsample: every sub_stride-th row, when that leaves >= 4x fewer rows.
+    sub_rows = max(NEWTON_SUBSAMPLE_MIN_ROWS, NEWTON_SUBSAMPLE_ROWS_PER_PROTOTYPE * runs.k_max)
+    warm_up = None
+    if n >= 4 * sub_rows:
+        sub_stride = n // sub_rows
+        sub_x = x[::sub_stride]
+        warm_up = (_Bank(sub_x, bank.x_sq[::sub_stride], sub_x.shape[0], 1), sub_stride)
     # After Newton, Sinkhorn checks its error after every iteration (normally one); alone, every 10.
     solver = sinkhorn.Sinkhorn(threshold=sinkhorn_threshold, max_iterations=sinkhorn_max_iters,
                                inner_iterations=1 if use_newton else 10)
@@ -377,36 +488,62 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
     def solve(run):
         """One run's transport solve, warm-started from its last potentials (the prototypes move
         little between iterations): Newton, then OTT's Sinkhorn from Newton's potentials."""
-        cost_or_prototypes, f, g, mask_run, b_run, active = run
+        cost_or_prototypes, f, g, mask_run, active = run
+        b = mask_run / jnp.sum(mask_run).astype(x.dtype)  # uniform 1/K, 0 on the padding
         if dense:
             geom = geometry.Geometry(cost_matrix=cost_or_prototypes, epsilon=eps)
-            cost_of_block = _block_cost(bank, cost_or_prototypes, None)
+            cost_of_block = lambda c: (bank.slice(c, cost_or_prototypes), bank.fresh(c))
         else:
             geom = pointcloud.PointCloud(x, cost_or_prototypes, epsilon=eps, batch_size=chunk)
             p_sq = jnp.sum(cost_or_prototypes * cost_or_prototypes, axis=1)
-            cost_of_block = _block_cost(bank, None, lambda rows, rows_sq: jnp.where(
-                mask_run, _distances_from_norms(rows, rows_sq, cost_or_prototypes, p_sq), 0.0))
+
+            def cost_of_block(c):
+                rows, rows_sq, fresh, _ = bank.rows(c)
+                return jnp.where(mask_run, _distances_from_norms(rows, rows_sq, cost_or_prototypes, p_sq), 0.0), fresh
         passes = jnp.zeros((), jnp.int32)
+        if use_newton and warm_up is not None:
+            # Most of a solve's steps on the subsample, then full passes from there.
+            sub_bank, sub_stride = warm_up
+            if dense:
+                sub_cost = lambda c: (cost_or_prototypes[::sub_stride], sub_bank.fresh(c))
+            else:
+                sub_cost = lambda c: (jnp.where(mask_run, _distances_from_norms(
+                    sub_bank.x, sub_bank.x_sq, cost_or_prototypes, p_sq), 0.0), sub_bank.fresh(c))
+            g, _, passes = _newton(sub_bank, sub_cost, g, mask_run, eps, NEWTON_TOL_FACTOR * sinkhorn_threshold,
+                                   ~active, newton_steps)
         if use_newton:
-            g, f_newton, passes = _newton(bank, cost_of_block, g, mask_run, eps, 0.1 * sinkhorn_threshold, ~active,
+            g, f_newton, full_passes = _newton(bank, cost_of_block, g, mask_run, eps, NEWTON_TOL_FACTOR * sinkhorn_threshold, ~active,
                                           newton_steps)
+            passes = passes + full_passes
             f = jnp.where(active, f_newton, f)  # a finished run restarts from its own solution
-        out = solver(linear_problem.LinearProblem(geom, a=a, b=b_run), init=(f, g))
+        out = solver(linear_problem.LinearProblem(geom, a=a, b=b), init=(f, g))
         return out.f, out.g, out.converged, out.n_iters, passes
 
     def step(state):
         prototypes, active = state["prototypes"], state["active"]
         p_sq = jnp.sum(prototypes * prototypes, axis=1)
-        dense_cost = _padded_cost(runs, x, bank.x_sq, prototypes, p_sq) if dense else None
-        # One run after another (their own stopping, small arrays); the matmuls stay joint.
-        f, g, sinkhorn_converged, sinkhorn_iterations, newton_passes = jax.lax.map(solve, (
-            dense_cost if dense else jnp.take(prototypes, runs.gather, axis=0), state["f"], state["g"], mask, b,
-            active))
-        g_out = jnp.where(mask, g, -jnp.inf)
-        cost_of_block = _block_cost(bank, dense_cost, lambda rows, rows_sq: _padded_cost(runs, rows, rows_sq,
-                                                                                           prototypes, p_sq))
-        sums, counts, soft_cost = _weighted_sums(runs, bank, cost_of_block, g_out, eps)
-        counts_compact = runs.compact(counts)
+        compact_cost = _distances_from_norms(x, bank.x_sq, prototypes, p_sq) if dense else None  # (N, sum K)
+        # Group after group, and one run after another within a group (their own stopping, small
+        # arrays); the matmuls stay joint.
+        f, g = state["f"], state["g"]
+        g_new = jnp.zeros_like(g)
+        reports = [jnp.zeros((s,), dtype) for dtype in (bool, jnp.int32, jnp.int32)]
+        for group in runs.groups:
+            operand = group.cost(compact_cost) if dense else jnp.take(prototypes, group.columns, axis=0)
+            f_group, g_group, *report = _map(solve, (operand, f[group.runs], g[group.runs, :group.k],
+                                                     jnp.asarray(group.mask), active[group.runs]))
+            f = f.at[group.runs].set(f_group)
+            g_new = g_new.at[group.runs, :group.k].set(g_group)
+            reports = [total.at[group.runs].set(part) for total, part in zip(reports, report)]
+        sinkhorn_converged, sinkhorn_iterations, newton_passes = reports
+        g_out = jnp.where(mask, g_new, -jnp.inf)
+
+        def compact_cost_of_block(c):
+            rows, rows_sq, _, _ = bank.rows(c)
+            cost = bank.slice(c, compact_cost) if dense else _distances_from_norms(rows, rows_sq, prototypes, p_sq)
+            return rows, cost, bank.fresh(c)
+
+        sums, counts_compact, soft_cost = _weighted_sums(runs, bank, compact_cost_of_block, g_out, eps)
         alive = counts_compact > 0
         moved = jnp.where(alive[:, None], sums / jnp.where(alive, counts_compact, 1.0)[:, None], prototypes)
         moved_sq = runs.pad(jnp.sum((moved - prototypes) ** 2, axis=1))
@@ -416,13 +553,14 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
         iterations = state["iterations"] + active.astype(jnp.int32)
         shift = keep(shift, state["shift"])
         return {"prototypes": jnp.where(active[runs.run][:, None], moved, prototypes),
-                "f": keep(f, state["f"]), "g": keep(jnp.where(mask, g, 0.0), state["g"]),
+                "f": keep(f, state["f"]), "g": keep(jnp.where(mask, g_new - moved_sq, 0.0), state["g"]),
                 "active": (iterations < max_iters) & (shift > tol), "iterations": iterations, "shift": shift,
                 "sinkhorn_converged": keep(sinkhorn_converged, state["sinkhorn_converged"]),
                 "sinkhorn_iterations": keep(sinkhorn_iterations, state["sinkhorn_iterations"]),
                 "newton_steps": keep(newton_passes, state["newton_steps"]),
                 "soft_objective": keep(soft_cost / n, state["soft_objective"]),
-                "cluster_sizes": keep(counts, state["cluster_sizes"]), "potentials": keep(g_out, state["potentials"])}
+                "cluster_sizes": keep(jnp.where(mask, runs.pad(counts_compact), 0.0), state["cluster_sizes"]),
+                "potentials": keep(g_out, state["potentials"])}
 
     zeros = lambda *shape, dtype=x.dtype: jnp.zeros(shape, dtype)
     state = {"prototypes": init, "f": zeros(s, n), "g": zeros(s, runs.k_max), "active": jnp.ones((s,), bool),
@@ -453,14 +591,15 @@ def _seeded_fit(x, rng, epsilon, tol, max_iters, **static):
 
 def _static_options(n: int, d: int, ks: tuple[int, ...], itemsize: int, chunk_size, dense_cost_bytes,
                     sinkhorn_threshold, sinkhorn_max_iters, newton_steps) -> dict:
-    padded = len(ks) * max(ks)
+    # The (rows, sum K) compact costs of a block and the groups' (padded) copies of them.
+    columns = 2 * sum(ks)
     if chunk_size is None:  # blocks of ~4M (row, prototype) pairs, as equal as N allows
-        chunk_size = max(256, _BLOCK_ELEMENTS // padded)
+        chunk_size = max(256, _BLOCK_ELEMENTS // columns)
     chunk_size = _check_count(chunk_size, "chunk_size", 1)
     chunk = -(-n // -(-n // min(chunk_size, n)))
-    # Store the (N, K) costs (and their compact copy) when no larger than the bank or within the
-    # budget; an explicit budget (0 forces the online PointCloud) overrides the bank-size rule.
-    cost_bytes = n * (padded + sum(ks)) * itemsize
+    # Store the (N, K) costs when no larger than the bank or within the budget; an explicit budget
+    # (0 forces the online PointCloud) overrides the bank-size rule.
+    cost_bytes = n * columns * itemsize
     dense = cost_bytes <= (max(n * d * itemsize, DEFAULT_DENSE_COST_BYTES) if dense_cost_bytes is None
                            else dense_cost_bytes)
     return dict(ks=ks, chunk=int(chunk), dense=bool(dense),
