@@ -96,7 +96,7 @@ class KMeansResult(NamedTuple):
     converged: jax.Array  # shift <= tol before max_iters
     sinkhorn_converged: jax.Array  # the last transport solve met the Sinkhorn threshold
     sinkhorn_iterations: jax.Array  # Sinkhorn iterations of the last solve (after its Newton steps)
-    newton_steps: jax.Array  # Newton passes of the last solve (0 when Newton is off)
+    newton_steps: jax.Array  # Newton passes of the last solve, its subsample warm-up included (0: Newton off)
     objective: jax.Array  # mean_i min_j ||x_i - p_j||^2 at the returned prototypes
     soft_objective: jax.Array  # mean_i sum_j w_ij ||x_i - p_j||^2 of the last assignment
     epsilon: jax.Array  # the absolute entropic regularization used
