@@ -116,10 +116,16 @@ def test_matches_numpy_log_domain_reference(reference_problem, newton_steps):
     np.testing.assert_allclose(np.asarray(prototypes), expected, atol=1e-4)
 
 
-def test_sweep_equals_each_k_alone_online_and_blocked():
+@pytest.mark.parametrize("newton_max_k", [None, 4], ids=["newton", "newton-for-k2-only"])
+def test_sweep_equals_each_k_alone_online_and_blocked(monkeypatch, request, newton_max_k):
     # The sweep (one program, stored costs, one block) against each K alone on the online
     # PointCloud path in blocks of 128 rows: same prototypes, objective and own iteration count
-    # (runs stop at their own convergence). K = 8 and 9 share a padded transport solve, 2 has its own.
+    # (runs stop at their own convergence). K = 8 and 9 share a padded transport solve, 2 has its own;
+    # with NEWTON_MAX_K = 4 that group solves with Sinkhorn alone while K = 2 uses Newton.
+    if newton_max_k is not None:  # read when tracing: no program compiled with the other value
+        monkeypatch.setattr(kmeans_module, "NEWTON_MAX_K", newton_max_k)
+        jax.clear_caches()
+        request.addfinalizer(jax.clear_caches)
     x, _ = make_blobs(n_samples=400, centers=6, n_features=10, cluster_std=1.0, random_state=5)
     x = x.astype(np.float32)
     ks = [9, 2, 8]
@@ -133,6 +139,8 @@ def test_sweep_equals_each_k_alone_online_and_blocked():
         np.testing.assert_allclose(np.asarray(sweep.prototypes[index]), np.asarray(prototypes), atol=2e-3)
         np.testing.assert_allclose(float(sweep.objective[index]), float(result.objective), rtol=1e-4)
     assert len(set(np.asarray(sweep.result.iterations).tolist())) > 1  # runs stopped at different iterations
+    newton = np.asarray(sweep.result.newton_steps) > 0  # ks = 9, 2, 8
+    np.testing.assert_array_equal(newton, [True, True, True] if newton_max_k is None else [False, True, False])
 
 
 def test_kmeans_plus_plus_prefix_property():

@@ -32,7 +32,8 @@ to the weighted mean of its points lowers their weighted mean cost by exactly ||
 so g_j starts that much lower. OTT-JAX's Sinkhorn then starts from the Newton potentials: it
 checks the marginal error against its threshold (after one iteration) and keeps iterating where
 Newton stopped short, so the solution and the convergence flag are Sinkhorn's. Newton runs for
-K <= NEWTON_MAX_K (its Hessian costs ~8 K^3 per pass); above, Sinkhorn alone (warm-started).
+K <= NEWTON_MAX_K (its Hessian costs rows x K^2 per pass, HESSIAN_* below); above, Sinkhorn alone.
+In a sweep each group of runs decides for itself.
 
 k-means++ costs one pass over the bank per center, done naively; `kmeans_plus_plus` draws exactly
 from D^2 with a pass every few centers (rejection sampling in between; its docstring): 40 centers
@@ -70,13 +71,18 @@ from nexvitad_jax.inference._ott_compat import geometry, linear_problem, pointcl
 
 DEFAULT_EPSILON = 0.05
 DEFAULT_DENSE_COST_BYTES = 2 << 30
-NEWTON_MAX_K = 1024  # measured: at K = 1024 Newton is still ~1.7x faster than Sinkhorn alone
+# Newton up to K = 4096 (measured at N = 31,360, D = 1024, first iteration from random prototypes:
+# Newton 47 s, Sinkhorn alone 310 s); above, Sinkhorn alone.
+NEWTON_MAX_K = 4096
 NEWTON_MAX_MOVE = 32.0  # the trust radius of a Newton step: most it moves a potential, in units of eps
 NEWTON_START_MOVE = 16.0  # the radius a solve starts with (both measured on the benchmark bank)
 # Newton's Hessian from a strided subsample of ~8 rows per prototype (the gradient and the stopping
 # test use every row): at K = 256, N = 31,360 ~1.8x faster per iteration for ~10% more passes.
 HESSIAN_ROWS_PER_PROTOTYPE = 8
 HESSIAN_MIN_ROWS = 4096  # and at least this many (K <= 512): ~1.5x fewer passes at K = 40 for ~nothing
+# ... but rows x K at most this (from K = 1024 on: the Hessian costs rows x K^2; at K = 4096 with 4096
+# rows a pass takes 1.4 s and a solve ~30 passes, with 8192 rows 2.2 s and ~60 passes).
+HESSIAN_ROW_BUDGET = 1 << 23
 NEWTON_TOL_FACTOR = 0.1  # Newton solves to 0.1x the Sinkhorn threshold: Sinkhorn confirms in one iteration
 # Newton's warm-up subsample: max(4096, 32 K) rows, used when the bank has >= 4x as many.
 NEWTON_SUBSAMPLE_MIN_ROWS = 4096
@@ -368,7 +374,8 @@ def _newton(bank, cost_of_block, g, mask, eps, threshold, skip, max_steps: int):
     n = bank.x.shape[0]
     live = mask.astype(g.dtype)
     b = live / jnp.sum(live)
-    stride = max(1, n // max(HESSIAN_MIN_ROWS, HESSIAN_ROWS_PER_PROTOTYPE * g.shape[0]))
+    k = g.shape[0]
+    stride = max(1, n // max(HESSIAN_MIN_ROWS, min(HESSIAN_ROWS_PER_PROTOTYPE * k, HESSIAN_ROW_BUDGET // k)))
 
     def evaluate(candidate):
         def body(c, acc):
@@ -473,19 +480,23 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
     eps = epsilon * scale
     mask = jnp.asarray(runs.mask)
     a = jnp.full((n,), 1.0 / n, x.dtype)
-    use_newton = newton_steps > 0 and runs.k_max <= NEWTON_MAX_K
-    # Newton's warm-up subsample: every sub_stride-th row, when that leaves >= 4x fewer rows.
-    sub_rows = max(NEWTON_SUBSAMPLE_MIN_ROWS, NEWTON_SUBSAMPLE_ROWS_PER_PROTOTYPE * runs.k_max)
-    warm_up = None
-    if n >= 4 * sub_rows:
-        sub_stride = n // sub_rows
-        sub_x = x[::sub_stride]
-        warm_up = (_Bank(sub_x, bank.x_sq[::sub_stride], sub_x.shape[0], 1), sub_stride)
-    # After Newton, Sinkhorn checks its error after every iteration (normally one); alone, every 10.
-    solver = sinkhorn.Sinkhorn(threshold=sinkhorn_threshold, max_iterations=sinkhorn_max_iters,
-                               inner_iterations=1 if use_newton else 10)
 
-    def solve(run):
+    def make_solve(k: int):
+        """The transport solve of a group whose widest run has K = k (all static)."""
+        use_newton = newton_steps > 0 and k <= NEWTON_MAX_K
+        # Newton's warm-up subsample: every sub_stride-th row, when that leaves >= 4x fewer rows.
+        sub_rows = max(NEWTON_SUBSAMPLE_MIN_ROWS, NEWTON_SUBSAMPLE_ROWS_PER_PROTOTYPE * k)
+        warm_up = None
+        if use_newton and n >= 4 * sub_rows:
+            sub_stride = n // sub_rows
+            sub_x = x[::sub_stride]
+            warm_up = (_Bank(sub_x, bank.x_sq[::sub_stride], sub_x.shape[0], 1), sub_stride)
+        # After Newton, Sinkhorn checks its error after every iteration (normally one); alone, every 10.
+        solver = sinkhorn.Sinkhorn(threshold=sinkhorn_threshold, max_iterations=sinkhorn_max_iters,
+                                   inner_iterations=1 if use_newton else 10)
+        return functools.partial(solve, use_newton, warm_up, solver)
+
+    def solve(use_newton, warm_up, solver, run):
         """One run's transport solve, warm-started from its last potentials (the prototypes move
         little between iterations): Newton, then OTT's Sinkhorn from Newton's potentials."""
         cost_or_prototypes, f, g, mask_run, active = run
@@ -501,7 +512,7 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
                 rows, rows_sq, fresh, _ = bank.rows(c)
                 return jnp.where(mask_run, _distances_from_norms(rows, rows_sq, cost_or_prototypes, p_sq), 0.0), fresh
         passes = jnp.zeros((), jnp.int32)
-        if use_newton and warm_up is not None:
+        if warm_up is not None:
             # Most of a solve's steps on the subsample, then full passes from there.
             sub_bank, sub_stride = warm_up
             if dense:
@@ -512,8 +523,8 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
             g, _, passes = _newton(sub_bank, sub_cost, g, mask_run, eps, NEWTON_TOL_FACTOR * sinkhorn_threshold,
                                    ~active, newton_steps)
         if use_newton:
-            g, f_newton, full_passes = _newton(bank, cost_of_block, g, mask_run, eps, NEWTON_TOL_FACTOR * sinkhorn_threshold, ~active,
-                                          newton_steps)
+            g, f_newton, full_passes = _newton(bank, cost_of_block, g, mask_run, eps,
+                                               NEWTON_TOL_FACTOR * sinkhorn_threshold, ~active, newton_steps)
             passes = passes + full_passes
             f = jnp.where(active, f_newton, f)  # a finished run restarts from its own solution
         out = solver(linear_problem.LinearProblem(geom, a=a, b=b), init=(f, g))
@@ -530,7 +541,7 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
         reports = [jnp.zeros((s,), dtype) for dtype in (bool, jnp.int32, jnp.int32)]
         for group in runs.groups:
             operand = group.cost(compact_cost) if dense else jnp.take(prototypes, group.columns, axis=0)
-            f_group, g_group, *report = _map(solve, (operand, f[group.runs], g[group.runs, :group.k],
+            f_group, g_group, *report = _map(make_solve(group.k), (operand, f[group.runs], g[group.runs, :group.k],
                                                      jnp.asarray(group.mask), active[group.runs]))
             f = f.at[group.runs].set(f_group)
             g_new = g_new.at[group.runs, :group.k].set(g_group)
