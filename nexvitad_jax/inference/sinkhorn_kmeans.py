@@ -481,6 +481,12 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
     mask = jnp.asarray(runs.mask)
     a = jnp.full((n,), 1.0 / n, x.dtype)
 
+    @functools.cache
+    def subsample(stride: int) -> _Bank:
+        """Every stride-th row of the bank (sliced once, outside the iterations' loop)."""
+        rows = x[::stride]
+        return _Bank(rows, bank.x_sq[::stride], rows.shape[0], 1)
+
     def make_solve(k: int):
         """The transport solve of a group whose widest run has K = k (all static)."""
         use_newton = newton_steps > 0 and k <= NEWTON_MAX_K
@@ -488,9 +494,7 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
         sub_rows = max(NEWTON_SUBSAMPLE_MIN_ROWS, NEWTON_SUBSAMPLE_ROWS_PER_PROTOTYPE * k)
         warm_up = None
         if use_newton and n >= 4 * sub_rows:
-            sub_stride = n // sub_rows
-            sub_x = x[::sub_stride]
-            warm_up = (_Bank(sub_x, bank.x_sq[::sub_stride], sub_x.shape[0], 1), sub_stride)
+            warm_up = (subsample(n // sub_rows), n // sub_rows)
         # After Newton, Sinkhorn checks its error after every iteration (normally one); alone, every 10.
         solver = sinkhorn.Sinkhorn(threshold=sinkhorn_threshold, max_iterations=sinkhorn_max_iters,
                                    inner_iterations=1 if use_newton else 10)
@@ -530,6 +534,8 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
         out = solver(linear_problem.LinearProblem(geom, a=a, b=b), init=(f, g))
         return out.f, out.g, out.converged, out.n_iters, passes
 
+    solves = [make_solve(group.k) for group in runs.groups]
+
     def step(state):
         prototypes, active = state["prototypes"], state["active"]
         p_sq = jnp.sum(prototypes * prototypes, axis=1)
@@ -539,10 +545,10 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], chunk: int, d
         f, g = state["f"], state["g"]
         g_new = jnp.zeros_like(g)
         reports = [jnp.zeros((s,), dtype) for dtype in (bool, jnp.int32, jnp.int32)]
-        for group in runs.groups:
+        for group, solve_group in zip(runs.groups, solves):
             operand = group.cost(compact_cost) if dense else jnp.take(prototypes, group.columns, axis=0)
-            f_group, g_group, *report = _map(make_solve(group.k), (operand, f[group.runs], g[group.runs, :group.k],
-                                                     jnp.asarray(group.mask), active[group.runs]))
+            f_group, g_group, *report = _map(solve_group, (operand, f[group.runs], g[group.runs, :group.k],
+                                                           jnp.asarray(group.mask), active[group.runs]))
             f = f.at[group.runs].set(f_group)
             g_new = g_new.at[group.runs, :group.k].set(g_group)
             reports = [total.at[group.runs].set(part) for total, part in zip(reports, report)]
