@@ -10,7 +10,9 @@ Every method runs the same number of iterations from the same initial prototypes
 stops early when no label changes, so its own iteration count is recorded), after a warm-up that
 compiles (the JAX programs take max_iters as a traced argument, so a 1-iteration warm-up compiles the
 measured program). Competitors run in the same process, one after another, so they see the same
-machine load; the load average is recorded per section. Sections:
+machine load; the load average is recorded per section, and the solver options in `environment`.
+Top-level keys other than the sections (`notes`: measurements quoted by the code's comments) are
+kept when the script rewrites the JSON. Sections:
 - sweep: K = 5, 10, 20, 30, 40 at N = 31,360 (the paper's bank), D = 2048, 10 iterations: `sweep_k`
   (one program, k-means++ included) against five separate scikit-learn KMeans runs (k-means++
   included: the issue's goal ratio < 0.2), and both again without initialization (iterations only).
@@ -25,6 +27,7 @@ machine load; the load average is recorded per section. Sections:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -39,12 +42,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nexvitad_jax.inference import sinkhorn_kmeans, sweep_k  # noqa: E402
+from nexvitad_jax.inference import SolverOptions, sinkhorn_kmeans, sweep_k  # noqa: E402
 from nexvitad_jax.inference._ott_compat import ott_k_means  # noqa: E402
-from nexvitad_jax.inference.sinkhorn_kmeans import kmeans_plus_plus, squared_distances  # noqa: E402
+from nexvitad_jax.inference.kmeans_init import kmeans_plus_plus  # noqa: E402
+from nexvitad_jax.inference.sinkhorn_kmeans import squared_distances  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP_KS = (5, 10, 20, 30, 40)
+OPTIONS = SolverOptions()  # every run of ours; recorded in the results' environment
 
 
 def median_time(fn, repeats: int, warmup=None) -> float:
@@ -93,9 +98,10 @@ def sweep_section(n, d, ks, iterations, repeats):
     x = jnp.asarray(x_np)
     row = {"n": n, "d": d, "ks": list(ks), "iterations": iterations, "repeats": repeats,
            "load_average_before": load_average()}
-    sweep = lambda max_iters: block(sweep_k(x, ks, rng=jax.random.key(0), max_iters=max_iters, tol=0.0))
-    init = jax.jit(kmeans_plus_plus, static_argnames="k")
-    centers = np.asarray(init(x, k=max(ks), rng=jax.random.key(0)))
+    sweep = lambda max_iters: block(sweep_k(x, ks, rng=jax.random.key(0), max_iters=max_iters, tol=0.0,
+                                            options=OPTIONS))
+    init = jax.jit(kmeans_plus_plus, static_argnames=("k", "options"))
+    centers = np.asarray(init(x, k=max(ks), rng=jax.random.key(0), options=OPTIONS))
     sweep(1)  # compiles the measured program (max_iters is traced)
     timings = {"sweep_k_s": [], "sklearn_5_runs_s": [], "sklearn_5_runs_from_init_s": []}
     for _ in range(repeats):
@@ -112,15 +118,16 @@ def sweep_section(n, d, ks, iterations, repeats):
     row["samples_s"] = timings
     row["sklearn_iterations_run"] = [int(fit.n_iter_) for fit in fits]
     row["sklearn_iterations_run_from_init"] = [int(fit.n_iter_) for fit in fits_from_init]
-    row["sweep_k_plus_plus_s"] = median_time(lambda: block(init(x, k=max(ks), rng=jax.random.key(0))), repeats)
-    result = sweep_k(x, ks, rng=jax.random.key(0), max_iters=iterations, tol=0.0)
+    row["sweep_k_plus_plus_s"] = median_time(lambda: block(init(x, k=max(ks), rng=jax.random.key(0), options=OPTIONS)),
+                                             repeats)
+    result = sweep_k(x, ks, rng=jax.random.key(0), max_iters=iterations, tol=0.0, options=OPTIONS)
     row["newton_passes_last_solve"] = np.asarray(result.result.newton_steps).tolist()
     row["sinkhorn_iterations_last_solve"] = np.asarray(result.result.sinkhorn_iterations).tolist()
     sizes = np.asarray(result.result.cluster_sizes)
     row["max_cluster_size_deviation"] = [float(np.abs(sizes[i, :k] * k / n - 1).max()) for i, k in enumerate(ks)]
     # Five separate runs of ours (five programs), to show what one joint pass saves.
-    separate = lambda max_iters: [block(sinkhorn_kmeans(x, k, rng=jax.random.key(0), max_iters=max_iters, tol=0.0)[0])
-                                  for k in ks]
+    separate = lambda max_iters: [block(sinkhorn_kmeans(x, k, rng=jax.random.key(0), max_iters=max_iters, tol=0.0,
+                                                        options=OPTIONS)[0]) for k in ks]
     row["separate_sinkhorn_kmeans_s"] = median_time(lambda: separate(iterations), 1, warmup=lambda: separate(1))
     pairs = lambda ours, theirs: statistics.median(a / b for a, b in zip(ours, theirs))
     row["sweep_over_sklearn"] = pairs(timings["sweep_k_s"], timings["sklearn_5_runs_s"])
@@ -139,7 +146,9 @@ def per_iteration_row(x, x_np, k, iterations, repeats, *, methods=("ours", "ott"
 
     n, d = x.shape
     if k <= 256 and n <= 100_000:
-        init, init_name = jax.jit(kmeans_plus_plus, static_argnames="k")(x, k=k, rng=jax.random.key(0)), "k-means++"
+        init = jax.jit(kmeans_plus_plus, static_argnames=("k", "options"))(x, k=k, rng=jax.random.key(0),
+                                                                           options=OPTIONS)
+        init_name = "k-means++"
     else:
         init, init_name = x[jax.random.choice(jax.random.key(0), n, (k,), replace=False)], "random points"
     init_np = np.asarray(init)
@@ -152,9 +161,10 @@ def per_iteration_row(x, x_np, k, iterations, repeats, *, methods=("ours", "ott"
     per_iter = {}
     if "ours" in methods:
         run = lambda max_iters: block(sinkhorn_kmeans(x, k, rng=jax.random.key(0), init=init, max_iters=max_iters,
-                                                      tol=0.0))
+                                                      tol=0.0, options=OPTIONS))
         per_iter["sinkhorn_kmeans"] = median_time(lambda: run(iterations), repeats, warmup=lambda: run(1)) / iterations
-        result = sinkhorn_kmeans(x, k, rng=jax.random.key(0), init=init, max_iters=iterations, tol=0.0)[1]
+        result = sinkhorn_kmeans(x, k, rng=jax.random.key(0), init=init, max_iters=iterations, tol=0.0,
+                                 options=OPTIONS)[1]
         row["sinkhorn_kmeans_last_solve"] = {"newton_passes": int(result.newton_steps),
                                              "sinkhorn_iterations": int(result.sinkhorn_iterations),
                                              "sinkhorn_converged": bool(result.sinkhorn_converged)}
@@ -268,9 +278,10 @@ def device_sweep(repeats):
     n, d, iterations = 1_000_000, 1024, 20
     ks = [2 ** p for p in range(3, 13)]
     x = jax.random.normal(jax.random.key(0), (n, d))
-    run = lambda max_iters: block(sweep_k(x, ks, rng=jax.random.key(0), max_iters=max_iters, tol=0.0).prototypes)
+    run = lambda max_iters: block(sweep_k(x, ks, rng=jax.random.key(0), max_iters=max_iters, tol=0.0,
+                                          options=OPTIONS).prototypes)
     seconds = median_time(lambda: run(iterations), repeats, warmup=lambda: run(1))
-    init = kmeans_plus_plus(x, 4096, jax.random.key(0))
+    init = kmeans_plus_plus(x, 4096, jax.random.key(0), options=OPTIONS)
     t_distance = median_time(lambda: block(jax.jit(squared_distances)(x, init)), repeats)
     peak = matmul_peak(repeats)
     rate = 2.0 * n * 4096 * d / t_distance / 1e9
@@ -286,6 +297,7 @@ def environment(args) -> dict:
             "devices": [str(d) for d in jax.devices()], "machine": platform.processor() or platform.machine(),
             "platform": platform.platform(), "cpu_cores": len(os.sched_getaffinity(0)), "jax": jax.__version__,
             "sklearn": sklearn.__version__, "faiss": faiss.__version__, "quick": args.quick, "repeats": args.repeats,
+            "solver_options": dataclasses.asdict(OPTIONS),
             "note": "other processes share this machine: compare methods within a section, not across runs"}
 
 
@@ -323,8 +335,7 @@ def main(argv=None) -> int:
         if "sweep" in sections:
             record("sweep", sweep_section(31_360, 2048, SWEEP_KS, 10, args.repeats))
         if "per_iteration" in sections:
-            # K >= 1024 runs one iteration (Newton's K x K Hessian: 7-8 s per iteration at K = 1024,
-            # ~50 s at K = 4096 here).
+            # K >= 1024 runs one iteration: Newton's K x K Hessian makes each one long (the rows' times).
             configs = [(d, k, 5, everything) for d in (1024, 2048) for k in (5, 40, 256)]
             configs += [(1024, 1024, 1, everything), (2048, 1024, 1, everything), (1024, 4096, 1, everything)]
             per_iteration_section(31_360, configs, args.repeats, lambda rows: record("per_iteration", rows))

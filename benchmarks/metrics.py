@@ -152,6 +152,80 @@ def timed(fn, *args, **kwargs):
     return value, time.perf_counter() - start
 
 
+def time_ours(scores, masks, sec: dict, val: dict) -> None:
+    """Section: our evaluators (all at once, each alone, the JAX backend's first and steady call)."""
+    val["ours_all"], sec["ours_evaluate_all"] = timed(metrics.evaluate, scores, masks, backend="numpy")
+    for name, fn in [("pixel_auroc", metrics.pixel_auroc), ("pixel_ap", metrics.pixel_ap),
+                     ("aupro", metrics.aupro), ("pixel_f1max", metrics.pixel_f1max),
+                     ("pro_iou", metrics.pro_iou)]:
+        _, sec[f"ours_{name}"] = timed(fn, scores, masks, backend="numpy")
+    image_scores, image_labels = scores.max(axis=(1, 2)), masks.any(axis=(1, 2))
+    _, sec["ours_image_auroc"] = timed(metrics.image_auroc, image_scores, image_labels)
+    _, sec["ours_aupro_jax_backend_cpu_first_call"] = timed(metrics.aupro, scores, masks, backend="jax")
+    val["ours_aupro_jax_backend"], sec["ours_aupro_jax_backend_cpu"] = timed(
+        metrics.aupro, scores, masks, backend="jax")  # compiled: the steady state
+    print("ours:", {k: round(v, 6) for k, v in val["ours_all"].items()})
+
+
+def time_references(scores, masks, sec: dict, val: dict) -> None:
+    """Section: scikit-learn's AUROC and AP, MVTec's official compute_pro + trapezoid."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    labels, flat = masks.ravel(), scores.ravel()
+    image_scores, image_labels = scores.max(axis=(1, 2)), masks.any(axis=(1, 2))
+    val["sklearn_pixel_auroc"], sec["sklearn_pixel_auroc"] = timed(roc_auc_score, labels, flat)
+    val["sklearn_pixel_ap"], sec["sklearn_pixel_ap"] = timed(average_precision_score, labels, flat)
+    val["sklearn_image_auroc"], sec["sklearn_image_auroc"] = timed(roc_auc_score, image_labels, image_scores)
+    val["official_aupro"], sec["official_compute_pro"] = timed(official_aupro, scores, masks)
+    print("sklearn/official done:", {k: v for k, v in val.items() if k != "ours_all"})
+
+
+def time_per_threshold(scores, masks, levels: int, sampled_thresholds: int, n_distinct: int, sec: dict,
+                       val: dict) -> None:
+    """Section: the per-threshold PRO definition: a few thresholds of the continuous maps (scaled to
+    every distinct score), and in full on the maps quantized to `levels` levels."""
+    per_threshold = PerThresholdPro(scores, masks)
+    sample = np.quantile(scores, np.linspace(0.99, 0.7, sampled_thresholds))
+    _, t_sample = timed(lambda: [per_threshold.point(t) for t in sample])
+    sec["per_threshold_one_threshold"] = t_sample / len(sample)
+    sec["per_threshold_estimated_all_distinct"] = sec["per_threshold_one_threshold"] * n_distinct
+    del per_threshold
+    quantized = np.round((scores - scores.min()) / np.ptp(scores) * (levels - 1)).astype(np.float32)
+    per_threshold_q = PerThresholdPro(quantized, masks)
+    thresholds_q = np.unique(quantized)[::-1]
+    val["per_threshold_aupro_quantized"], sec["per_threshold_quantized_full"] = timed(
+        per_threshold_q.aupro, thresholds_q)
+    del per_threshold_q
+    val["ours_aupro_quantized"], sec["ours_aupro_quantized"] = timed(metrics.aupro, quantized, masks)
+    val["official_aupro_quantized"], sec["official_compute_pro_quantized"] = timed(official_aupro, quantized, masks)
+
+
+def comparisons(sec: dict, val: dict) -> tuple[dict, dict]:
+    """(absolute differences to the references, speedups over them)."""
+    ours = val["ours_all"]
+    abs_diff = {
+        "pixel_auroc_vs_sklearn": abs(ours["pixel_auroc"] - val["sklearn_pixel_auroc"]),
+        "pixel_ap_vs_sklearn": abs(ours["pixel_ap"] - val["sklearn_pixel_ap"]),
+        "image_auroc_vs_sklearn": abs(ours["image_auroc"] - val["sklearn_image_auroc"]),
+        "aupro_vs_official_compute_pro": abs(ours["aupro"] - val["official_aupro"]),
+        "aupro_jax_backend_vs_numpy": abs(val["ours_aupro_jax_backend"] - ours["aupro"]),
+        "aupro_quantized_vs_per_threshold": abs(val["ours_aupro_quantized"] - val["per_threshold_aupro_quantized"]),
+        "aupro_quantized_vs_official_compute_pro": abs(val["ours_aupro_quantized"] - val["official_aupro_quantized"]),
+    }
+    speedup = {
+        "pixel_auroc_vs_sklearn": sec["sklearn_pixel_auroc"] / sec["ours_pixel_auroc"],
+        "pixel_ap_vs_sklearn": sec["sklearn_pixel_ap"] / sec["ours_pixel_ap"],
+        "aupro_vs_official_compute_pro": sec["official_compute_pro"] / sec["ours_aupro"],
+        "aupro_vs_per_threshold_quantized_measured": sec["per_threshold_quantized_full"] / sec["ours_aupro_quantized"],
+        "aupro_vs_per_threshold_all_distinct_estimated": sec["per_threshold_estimated_all_distinct"] / sec["ours_aupro"],
+        "evaluate_all_vs_sklearn_auroc_ap_plus_official_aupro": (
+            sec["sklearn_pixel_auroc"] + sec["sklearn_pixel_ap"] + sec["official_compute_pro"]
+        ) / sec["ours_evaluate_all"],
+        "numpy_backend_vs_jax_backend_on_cpu": sec["ours_aupro_jax_backend_cpu"] / sec["ours_aupro"],
+    }
+    return abs_diff, speedup
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 maps instead of 1725")
@@ -173,74 +247,13 @@ def main(argv=None) -> int:
                  "anomalous_images": int(masks.any(axis=(1, 2)).sum()), "distinct_scores": n_distinct,
                  "dtype": "float32"},
         "machine": {"processor": platform.processor() or platform.machine(), "numpy": np.__version__},
-        "seconds": {}, "values": {}, "abs_diff": {}, "speedup": {},
+        "seconds": {}, "values": {},
     }
     sec, val = out["seconds"], out["values"]
-
-    # Ours.
-    val["ours_all"], sec["ours_evaluate_all"] = timed(metrics.evaluate, scores, masks, backend="numpy")
-    for name, fn in [("pixel_auroc", metrics.pixel_auroc), ("pixel_ap", metrics.pixel_ap),
-                     ("aupro", metrics.aupro), ("pixel_f1max", metrics.pixel_f1max),
-                     ("pro_iou", metrics.pro_iou)]:
-        _, sec[f"ours_{name}"] = timed(fn, scores, masks, backend="numpy")
-    image_scores, image_labels = scores.max(axis=(1, 2)), masks.any(axis=(1, 2))
-    _, sec["ours_image_auroc"] = timed(metrics.image_auroc, image_scores, image_labels)
-    _, sec["ours_aupro_jax_backend_cpu_first_call"] = timed(metrics.aupro, scores, masks, backend="jax")
-    val["ours_aupro_jax_backend"], sec["ours_aupro_jax_backend_cpu"] = timed(
-        metrics.aupro, scores, masks, backend="jax")  # compiled: the steady state
-    print("ours:", {k: round(v, 6) for k, v in val["ours_all"].items()})
-
-    # sklearn.
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    labels, flat = masks.ravel(), scores.ravel()
-    val["sklearn_pixel_auroc"], sec["sklearn_pixel_auroc"] = timed(roc_auc_score, labels, flat)
-    val["sklearn_pixel_ap"], sec["sklearn_pixel_ap"] = timed(average_precision_score, labels, flat)
-    val["sklearn_image_auroc"], sec["sklearn_image_auroc"] = timed(roc_auc_score, image_labels, image_scores)
-
-    # MVTec's official compute_pro + trapezoid.
-    val["official_aupro"], sec["official_compute_pro"] = timed(official_aupro, scores, masks)
-    print("sklearn/official done:", {k: v for k, v in val.items() if k != "ours_all"})
-
-    # Per-threshold definition on the continuous maps: time a few thresholds, scale.
-    per_threshold = PerThresholdPro(scores, masks)
-    sample = np.quantile(scores, np.linspace(0.99, 0.7, args.sampled_thresholds))
-    _, t_sample = timed(lambda: [per_threshold.point(t) for t in sample])
-    sec["per_threshold_one_threshold"] = t_sample / len(sample)
-    sec["per_threshold_estimated_all_distinct"] = sec["per_threshold_one_threshold"] * n_distinct
-    del per_threshold
-
-    # Per-threshold definition run in full on the same maps quantized to a few levels.
-    quantized = np.round((scores - scores.min()) / np.ptp(scores) * (args.levels - 1)).astype(np.float32)
-    per_threshold_q = PerThresholdPro(quantized, masks)
-    thresholds_q = np.unique(quantized)[::-1]
-    val["per_threshold_aupro_quantized"], sec["per_threshold_quantized_full"] = timed(
-        per_threshold_q.aupro, thresholds_q)
-    del per_threshold_q
-    val["ours_aupro_quantized"], sec["ours_aupro_quantized"] = timed(metrics.aupro, quantized, masks)
-    val["official_aupro_quantized"], sec["official_compute_pro_quantized"] = timed(official_aupro, quantized, masks)
-
-    ours = val["ours_all"]
-    out["abs_diff"] = {
-        "pixel_auroc_vs_sklearn": abs(ours["pixel_auroc"] - val["sklearn_pixel_auroc"]),
-        "pixel_ap_vs_sklearn": abs(ours["pixel_ap"] - val["sklearn_pixel_ap"]),
-        "image_auroc_vs_sklearn": abs(ours["image_auroc"] - val["sklearn_image_auroc"]),
-        "aupro_vs_official_compute_pro": abs(ours["aupro"] - val["official_aupro"]),
-        "aupro_jax_backend_vs_numpy": abs(val["ours_aupro_jax_backend"] - ours["aupro"]),
-        "aupro_quantized_vs_per_threshold": abs(val["ours_aupro_quantized"] - val["per_threshold_aupro_quantized"]),
-        "aupro_quantized_vs_official_compute_pro": abs(val["ours_aupro_quantized"] - val["official_aupro_quantized"]),
-    }
-    out["speedup"] = {
-        "pixel_auroc_vs_sklearn": sec["sklearn_pixel_auroc"] / sec["ours_pixel_auroc"],
-        "pixel_ap_vs_sklearn": sec["sklearn_pixel_ap"] / sec["ours_pixel_ap"],
-        "aupro_vs_official_compute_pro": sec["official_compute_pro"] / sec["ours_aupro"],
-        "aupro_vs_per_threshold_quantized_measured": sec["per_threshold_quantized_full"] / sec["ours_aupro_quantized"],
-        "aupro_vs_per_threshold_all_distinct_estimated": sec["per_threshold_estimated_all_distinct"] / sec["ours_aupro"],
-        "evaluate_all_vs_sklearn_auroc_ap_plus_official_aupro": (
-            sec["sklearn_pixel_auroc"] + sec["sklearn_pixel_ap"] + sec["official_compute_pro"]
-        ) / sec["ours_evaluate_all"],
-        "numpy_backend_vs_jax_backend_on_cpu": sec["ours_aupro_jax_backend_cpu"] / sec["ours_aupro"],
-    }
+    time_ours(scores, masks, sec, val)
+    time_references(scores, masks, sec, val)
+    time_per_threshold(scores, masks, args.levels, args.sampled_thresholds, n_distinct, sec, val)
+    out["abs_diff"], out["speedup"] = comparisons(sec, val)
     out["notes"] = (
         "Seconds are wall time on this shared CPU (2 cores shared by several users), one run each; "
         "compare ratios within this file only. per_threshold_estimated_all_distinct = measured "

@@ -1,4 +1,8 @@
-"""`python -m converters {hiera,dinov2} --source HUB_ID|DIR|FILE.pth --out DIR [--variant NAME] [--verify]`."""
+"""Convert PyTorch Hiera/DINOv2 checkpoints to Flax (orbax + config.json).
+
+    python -m converters {hiera,dinov2} --source HUB_ID|DIR|FILE.pth --out DIR [--variant NAME] [--verify]
+    nexvitad convert ...     # the same command (registered in pyproject.toml)
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The converter pipeline shared by the backbone families: read a source, convert, save, verify.
 
 A family module (`converters/hiera.py`, `converters/dinov2.py`) provides FAMILY, HUB_IDS,
-config_from_hf, config_from_official, convert, build_torch, torch_outputs and flax_outputs; this
+config_from_hf, config_from_official, hf_state_dict (any layout -> the installed transformers'
+names), convert, build_torch, torch_outputs and flax_outputs; this
 module resolves the source (hub id, local HF directory, official `.pth`), checks keys, writes the
 orbax checkpoint + config.json and runs the flax-vs-torch check.
 """
@@ -34,6 +35,14 @@ def converter_for(family: str):
         return importlib.import_module(CONVERTERS[family])
     except ImportError as error:
         raise UserInputError(f"the {family} converter is not available ({CONVERTERS[family]}: {error})") from error
+
+
+def float32_reader(state: dict[str, Any]):
+    """`get(name)`: the state dict's entry as a float32 numpy array (what the Flax trees hold)."""
+    def get(name: str) -> np.ndarray:
+        return np.asarray(state[name], dtype=np.float32)
+
+    return get
 
 
 def check_keys(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str) -> None:
@@ -94,28 +103,23 @@ def _to_numpy(state: dict[str, Any], path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def read_torch_file(path: str | Path) -> dict[str, np.ndarray]:
-    """A `.pth`/`.bin` (torch.load, weights only) or `.safetensors` file -> {key: numpy array}."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such file")
-    kind = _sniff(path)
-    if kind == "safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
 
-        try:
-            return dict(load_file(str(path)))
-        except (SafetensorError, ValueError, OSError) as error:
-            try:  # bf16 tensors cannot become numpy directly; read them through torch
-                from safetensors.torch import load_file as load_torch_file
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, ValueError, OSError) as error:
+        try:  # bf16 tensors cannot become numpy directly; read them through torch
+            from safetensors.torch import load_file as load_torch_file
 
-                return _to_numpy(load_torch_file(str(path)), path)
-            except Exception:
-                raise UserInputError(f"{path}: corrupt or truncated safetensors file ({error})") from error
-    if kind not in ("zip", "pickle"):
-        raise UserInputError(f"{path} is {kind}, not a PyTorch checkpoint (expected a .pth/.bin saved by "
-                             "torch.save, or a .safetensors file)")
+            return _to_numpy(load_torch_file(str(path)), path)
+        except Exception:
+            raise UserInputError(f"{path}: corrupt or truncated safetensors file ({error})") from error
+
+
+def _read_torch_checkpoint(path: Path) -> dict[str, np.ndarray]:
+    """torch.load (weights only) of a `.pth`/`.bin`, unwrapped from a training checkpoint's dict."""
     import pickle
     import zipfile
 
@@ -134,6 +138,20 @@ def read_torch_file(path: str | Path) -> dict[str, np.ndarray]:
     if not isinstance(loaded, dict) or not loaded:
         raise UserInputError(f"{path}: holds a {type(loaded).__name__}, not a state dict of tensors")
     return _to_numpy({k.removeprefix("module."): v for k, v in loaded.items()}, path)
+
+
+def read_torch_file(path: str | Path) -> dict[str, np.ndarray]:
+    """A `.pth`/`.bin` (torch.load, weights only) or `.safetensors` file -> {key: numpy array}."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file")
+    kind = _sniff(path)
+    if kind == "safetensors":
+        return _read_safetensors(path)
+    if kind not in ("zip", "pickle"):
+        raise UserInputError(f"{path} is {kind}, not a PyTorch checkpoint (expected a .pth/.bin saved by "
+                             "torch.save, or a .safetensors file)")
+    return _read_torch_checkpoint(path)
 
 
 def read_hf_directory(directory: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -233,12 +251,9 @@ def variant_name(family: str, config: Any) -> str:
 
 def check_variant(family: str, config: Any, variant: str, source: str) -> None:
     """UserInputError when --variant disagrees with the checkpoint's architecture."""
-    from nexvitad_jax.models import family_module
+    from nexvitad_jax.models.backbones import variant_config
 
-    variants = family_module(family).VARIANTS
-    if variant not in variants:
-        raise UserInputError(f"unknown {family} variant {variant!r}; expected one of {sorted(variants)}")
-    expected, found = variants[variant].to_dict(), config.to_dict()
+    expected, found = variant_config(family, variant).to_dict(), config.to_dict()
     differing = [f"{key}: checkpoint {found[key]!r}, {variant} {expected[key]!r}"
                  for key in expected if key in found and found[key] != expected[key] and key != "image_size"]
     if differing:
@@ -255,24 +270,30 @@ def load_source_config(family: str, src: Source, variant: str | None):
     return converter.config_from_official(src.state_dict, variant)
 
 
-def verify(family: str, config: Any, params: dict, hf_state: dict[str, np.ndarray], *, dtype: str = "float32",
-           image_size: int = VERIFY_IMAGE_SIZE, batch: int = 2, seed: int = 0) -> list[float]:
-    """Run the Flax module (converted params) and the transformers model (the checkpoint's weights)
-    on one random batch; return max|flax - torch| / max|torch| per output, raise above tolerance."""
-    import jax.numpy as jnp
+def _torch_model_with(family: str, config: Any, hf_state: dict[str, np.ndarray]):
+    """The transformers model of `config` holding the checkpoint's weights (HF names)."""
     import torch
 
-    from nexvitad_jax.models import instantiate_backbone
-
-    converter = converter_for(family)
-    torch_model = converter.build_torch(config)
+    torch_model = converter_for(family).build_torch(config)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf_state.items()}
     missing, unexpected = torch_model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if "mask_token" not in k]
     if missing or unexpected:
         raise UserInputError(f"--verify: the transformers model did not take the weights (missing {missing}, "
                              f"unexpected {unexpected})")
-    param_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    return torch_model
+
+
+def verify(family: str, config: Any, params: dict, hf_state: dict[str, np.ndarray], *, dtype: str = "float32",
+           image_size: int = VERIFY_IMAGE_SIZE, batch: int = 2, seed: int = 0) -> list[float]:
+    """Run the Flax module (converted params) and the transformers model (the checkpoint's weights)
+    on one random batch; return max|flax - torch| / max|torch| per output, raise above tolerance."""
+    from nexvitad_jax.models import instantiate_backbone
+    from nexvitad_jax.models.layers import dtype_named
+
+    converter = converter_for(family)
+    torch_model = _torch_model_with(family, config, hf_state)
+    param_dtype = dtype_named(dtype)
     module = instantiate_backbone(family, config, params, dtype=param_dtype, param_dtype=param_dtype)
     images = np.random.default_rng(seed).standard_normal((batch, image_size, image_size, 3)).astype(np.float32)
     errors = []
@@ -282,16 +303,6 @@ def verify(family: str, config: Any, params: dict, hf_state: dict[str, np.ndarra
         raise UserInputError(f"--verify failed: max|flax - torch| / max|torch| = {max(errors):.3g} per output "
                              f"{[f'{e:.3g}' for e in errors]} exceeds {VERIFY_TOLERANCE[dtype]:g} ({dtype})")
     return errors
-
-
-def hf_state_for_verify(family: str, src: Source, config: Any) -> dict[str, np.ndarray]:
-    """The checkpoint's weights under the transformers names the installed version expects."""
-    converter = converter_for(family)
-    if hasattr(converter, "hf_state_dict"):
-        return converter.hf_state_dict(src.state_dict, config, src.layout, source=src.description)
-    if src.layout == "official":  # TODO: hiera exposes this privately for now
-        return converter._hf_state_from_official(src.state_dict, config, src.description)
-    return {k.removeprefix(f"{family}."): v for k, v in src.state_dict.items()}
 
 
 def convert_checkpoint(family: str, source: str, out: str | Path, *, variant: str | None = None,
@@ -313,8 +324,10 @@ def convert_checkpoint(family: str, source: str, out: str | Path, *, variant: st
     if run_verify:
         from nexvitad_jax.models import load_backbone
 
-        module, saved = load_backbone(directory)
-        errors = verify(family, config, saved.to_pure_dict(), hf_state_for_verify(family, src, config), dtype=dtype)
+        _, saved = load_backbone(directory)
+        # The checkpoint's weights under the names of the installed transformers version.
+        hf_state = converter.hf_state_dict(src.state_dict, config, src.layout, source=src.description)
+        errors = verify(family, config, saved.to_pure_dict(), hf_state, dtype=dtype)
         log(f"verify: max|flax - torch| / max|torch| per output = {', '.join(f'{e:.2e}' for e in errors)} "
             f"(tolerance {VERIFY_TOLERANCE[dtype]:g})")
         result["verify_errors"] = errors

@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from converters.common import check_keys, float32_reader
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.models.dinov2 import VARIANTS, Dinov2, Dinov2Config, from_hf_config, to_hf_config
+from nexvitad_jax.models.backbones import variant_config
+from nexvitad_jax.models.dinov2 import Dinov2, Dinov2Config, from_hf_config, to_hf_config
 
 FAMILY = "dinov2"
 HUB_IDS: dict[str, str] = {
@@ -72,8 +74,9 @@ def _shape(state_dict: dict[str, Any], key: str) -> tuple[int, ...]:
     return tuple(np.shape(state_dict[key]))
 
 
-def config_from_official(state_dict: dict[str, Any], variant: str | None) -> Dinov2Config:
-    """Dinov2Config read off an official facebookresearch/dinov2 state dict (checked against `variant`)."""
+def _config_read_off(state_dict: dict[str, Any]) -> Dinov2Config:
+    """Dinov2Config of an official facebookresearch/dinov2 state dict, as far as the weights tell
+    (the head count assumes DINOv2's head width of 64)."""
     for key in ("patch_embed.proj.weight", "pos_embed", "cls_token"):
         if key not in state_dict:
             raise UserInputError(f"official DINOv2 checkpoint: no {key!r}; is this a facebookresearch/dinov2 "
@@ -95,16 +98,19 @@ def config_from_official(state_dict: dict[str, Any], variant: str | None) -> Din
     mlp_hidden = _shape(state_dict, "blocks.0.mlp.w12.weight")[0] // 2 if swiglu else \
         _shape(state_dict, "blocks.0.mlp.fc1.weight")[0] if "blocks.0.mlp.fc1.weight" in state_dict else 4 * hidden
     registers = _shape(state_dict, "register_tokens")[1] if "register_tokens" in state_dict else 0
-    found = Dinov2Config(
+    return Dinov2Config(
         hidden_size=hidden, num_hidden_layers=len(blocks), num_attention_heads=max(hidden // HEAD_DIM, 1),
         mlp_ratio=4.0 if swiglu else mlp_hidden / hidden, image_size=grid * patch, patch_size=patch,
         num_channels=channels, qkv_bias="blocks.0.attn.qkv.bias" in state_dict, use_swiglu_ffn=swiglu,
         num_register_tokens=registers, interpolate_antialias=registers > 0)
+
+
+def config_from_official(state_dict: dict[str, Any], variant: str | None) -> Dinov2Config:
+    """Dinov2Config read off an official facebookresearch/dinov2 state dict (checked against `variant`)."""
+    found = _config_read_off(state_dict)
     if variant is None:
         return found
-    if variant not in VARIANTS:
-        raise UserInputError(f"unknown DINOv2 variant {variant!r}; expected one of {sorted(VARIANTS)}")
-    expected = VARIANTS[variant]
+    expected = variant_config(FAMILY, variant)
     mismatched = {name: (getattr(found, name), getattr(expected, name))
                   for name in ("hidden_size", "num_hidden_layers", "use_swiglu_ffn", "num_register_tokens",
                                "patch_size")
@@ -224,8 +230,6 @@ def hf_state_dict(state_dict: dict[str, Any], config: Dinov2Config, layout: str,
         state = _hf_from_legacy(state_dict)
     else:
         raise UserInputError(f"unknown DINOv2 checkpoint layout {layout!r}; expected 'hf' or 'official'")
-    from converters.common import check_keys
-
     check_keys(expected_hf_shapes(config), {k: tuple(np.shape(v)) for k, v in state.items()}, source)
     return state
 
@@ -234,9 +238,7 @@ def convert(state_dict: dict[str, Any], config: Dinov2Config, layout: str = "hf"
             source: str = "the DINOv2 checkpoint") -> dict:
     """State dict (numpy arrays) -> nested pure dict equal in structure to `nnx.state(Dinov2, nnx.Param)`."""
     state = hf_state_dict(state_dict, config, layout, source=source)
-
-    def get(name: str) -> np.ndarray:
-        return np.asarray(state[name], dtype=np.float32)
+    get = float32_reader(state)
 
     def stacked(fn) -> np.ndarray:
         return np.stack([fn(f"encoder.layer.{n}.") for n in range(config.num_hidden_layers)])
@@ -280,16 +282,6 @@ def convert(state_dict: dict[str, Any], config: Dinov2Config, layout: str = "hf"
     if config.num_register_tokens:
         params["register_tokens"] = get("embeddings.register_tokens")
     return params
-
-
-def build_flax(config: Dinov2Config, params: dict | None = None, *, dtype=None, param_dtype=None, seed: int = 0):
-    """A Dinov2 module: random init from `seed`, or `params` from `convert` put in place."""
-    import jax.numpy as jnp
-
-    from nexvitad_jax.models import instantiate_backbone
-
-    return instantiate_backbone(FAMILY, config, params, dtype=dtype or jnp.float32,
-                                param_dtype=param_dtype or jnp.float32, seed=seed)
 
 
 def build_torch(config: Dinov2Config):

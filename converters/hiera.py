@@ -49,7 +49,9 @@ from typing import Any
 
 import numpy as np
 
+from converters.common import check_keys, float32_reader
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.models.backbones import variant_config
 from nexvitad_jax.models.hiera import VARIANTS, Hiera, HieraConfig, from_hf_config
 
 FAMILY = "hiera"
@@ -137,9 +139,7 @@ def config_from_official(state_dict: dict[str, Any], variant: str | None) -> Hie
     side = math.isqrt(tokens)
     found = f"embed_dim {embed_dim}, depths {depths}"
     if variant is not None:
-        if variant not in VARIANTS:
-            raise UserInputError(f"unknown Hiera variant {variant!r}; expected one of {sorted(VARIANTS)}")
-        base = VARIANTS[variant]
+        base = variant_config(FAMILY, variant)
         if (base.embed_dim, base.depths) != (embed_dim, depths):
             raise UserInputError(
                 f"the checkpoint does not match Hiera variant {variant!r}: it has {found}, the variant has "
@@ -213,12 +213,6 @@ def official_to_hf_names(config: HieraConfig) -> dict[str, str]:
     return names
 
 
-def _check(expected: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], source: str) -> None:
-    from converters.common import check_keys  # imported here: converters.common imports this module
-
-    check_keys(expected, got, source)
-
-
 def _initial_pooler_norm(config: HieraConfig, prefix: str, present: dict[str, Any]) -> dict[str, np.ndarray]:
     """The pooler LayerNorm an MAE checkpoint lacks, at its initial value: weight 1, bias 0.02 (official
     Hiera._init_weights and HF's init alike). The official loader (strict=False) leaves exactly this in
@@ -237,7 +231,7 @@ def _hf_state_from_official(state_dict: dict[str, Any], config: HieraConfig, sou
     if "encoder_norm.weight" in state_dict:  # an MAE pre-training checkpoint has no final norm
         state.update(_initial_pooler_norm(config, "norm", state))
     expected = {name: hf_shapes[hf] for name, hf in to_hf.items() if hf in hf_shapes}
-    _check(expected, {k: tuple(np.shape(v)) for k, v in state.items()}, source)
+    check_keys(expected, {k: tuple(np.shape(v)) for k, v in state.items()}, source)
     return {to_hf[k]: v for k, v in state.items()}
 
 
@@ -257,7 +251,7 @@ def hf_state_dict(state_dict: dict[str, Any], config: HieraConfig, layout: str =
             hf_state[key] = value
     if "encoder_norm.weight" in state_dict:  # HieraForPreTraining: its encoder has no pooler
         hf_state.update(_initial_pooler_norm(config, "pooler.layernorm", hf_state))
-    _check(_expected_hf_shapes(config), {k: tuple(np.shape(v)) for k, v in hf_state.items()}, source)
+    check_keys(_expected_hf_shapes(config), {k: tuple(np.shape(v)) for k, v in hf_state.items()}, source)
     return hf_state
 
 
@@ -265,9 +259,7 @@ def convert(state_dict: dict[str, Any], config: HieraConfig, layout: str = "hf",
             source: str = "the Hiera checkpoint") -> dict:
     """State dict (numpy arrays) -> nested pure dict equal in structure to `nnx.state(Hiera, nnx.Param)`."""
     hf_state = hf_state_dict(state_dict, config, layout, source=source)
-
-    def get(name: str) -> np.ndarray:
-        return np.asarray(hf_state[name], dtype=np.float32)
+    get = float32_reader(hf_state)
 
     def linear(prefix: str) -> dict[str, np.ndarray]:
         return {"kernel": get(prefix + ".weight").T, "bias": get(prefix + ".bias")}

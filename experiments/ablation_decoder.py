@@ -14,8 +14,8 @@ only. What that leaves, by how nexvitad_jax/train works:
   still reaches the interleaved F_3 adapters; its labels just go nowhere. The memory-bank path
   without pseudo-labels thus measures the encoder trained on source supervision alone.
 
-    python -m experiments.ablation_decoder --config experiments/configs/tiny.py --out runs/ablation_decoder
-    python -m experiments.ablation_decoder --config experiments/configs/paper.py --data PATH/TO/mvtec \\
+    python -m experiments.ablation_decoder --config tiny --out runs/ablation_decoder
+    python -m experiments.ablation_decoder --config paper --data PATH/TO/mvtec \\
         --out runs/ablation_decoder-paper --seeds 5 --shard 0/2   # hosts 0 and 1, then --aggregate-only
 
 Writes OUT/ablation_decoder.json, .md, OUT/ablation_decoder_fig5.png (decoder vs memory bank, with
@@ -24,15 +24,14 @@ pseudo-labels) and OUT/ablation_decoder_fig6.png (all four combinations).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
 
 from experiments import protocol
-from experiments.sweep import Sweep, main
+from experiments.runner import main
 
-VARIANTS = {"with_pl": {}, "without_pl": {"lambda1": 0.0, "lambda2": 0.0}}
+VARIANTS = {"with_pl": {}, "without_pl": {"train.lambda1": 0.0, "train.lambda2": 0.0}}
 BY = ("split", "variant", "method")
 NOTE = ("with_pl: the full training (eq. 8, lambda1 = lambda2 = 1 unless --set says otherwise); without_pl: "
         "lambda1 = lambda2 = 0, no pseudo-label reaches a loss: the target heads stay at their initialization "
@@ -49,9 +48,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
                                   "Fig. 6: with and without the pseudo-label head")]
 
 
-def build(args: argparse.Namespace) -> Sweep:
-    return Sweep("ablation_decoder", "NexViTAD ablation: decoder vs memory bank, with and without pseudo-labels",
-                 protocol.pipeline_runs(args, VARIANTS), aggregate, plot)
+build = protocol.main_job_experiment(
+    "ablation_decoder", "NexViTAD ablation: decoder vs memory bank, with and without pseudo-labels",
+    VARIANTS, aggregate, plot)
 
 
 arguments = protocol.protocol_arguments

@@ -1,10 +1,10 @@
 """The paper's multi-task ablation (Fig. 7): one segmentation head per source class (MTL, the
-default) vs one head shared by every source class (config.shared_source_head); the target heads
+default) vs one head shared by every source class (config.model.shared_source_head); the target heads
 and pseudo-label heads are the same in both. The paper compares them with memory-bank inference;
 the decoder path is measured too.
 
-    python -m experiments.ablation_mtl --config experiments/configs/tiny.py --out runs/ablation_mtl
-    python -m experiments.ablation_mtl --config experiments/configs/paper.py --data PATH/TO/mvtec \\
+    python -m experiments.ablation_mtl --config tiny --out runs/ablation_mtl
+    python -m experiments.ablation_mtl --config paper --data PATH/TO/mvtec \\
         --out runs/ablation_mtl-paper --seeds 5 --shard 0/2   # hosts 0 and 1, then --aggregate-only
 
 Writes OUT/ablation_mtl.json, .md and OUT/ablation_mtl.png.
@@ -12,15 +12,14 @@ Writes OUT/ablation_mtl.json, .md and OUT/ablation_mtl.png.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
 
 from experiments import protocol
-from experiments.sweep import Sweep, main
+from experiments.runner import main
 
-VARIANTS = {"per_class_heads": {"shared_source_head": False}, "shared_head": {"shared_source_head": True}}
+VARIANTS = {"per_class_heads": {"model.shared_source_head": False}, "shared_head": {"model.shared_source_head": True}}
 BY = ("split", "variant", "method")
 aggregate = functools.partial(protocol.aggregate_runs, by=BY)
 
@@ -31,9 +30,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
                                   "Fig. 7: per-class source heads (MTL) vs one shared head, memory bank")]
 
 
-def build(args: argparse.Namespace) -> Sweep:
-    return Sweep("ablation_mtl", "NexViTAD ablation: per-class source heads (MTL) vs one shared head",
-                 protocol.pipeline_runs(args, VARIANTS), aggregate, plot)
+build = protocol.main_job_experiment(
+    "ablation_mtl", "NexViTAD ablation: per-class source heads (MTL) vs one shared head",
+    VARIANTS, aggregate, plot)
 
 
 arguments = protocol.protocol_arguments

@@ -1,15 +1,15 @@
 """The paper's cluster-count ablation (Fig. 8): memory-bank metrics for K = 5, 10, 20, 30, 40 and
 beyond, on the model trained per split and seed.
 
-Per target class and layer, ONE compiled `sweep_k` fits every K on that layer's bank (its run for K
-equals `sinkhorn_kmeans` with that K; the rng is the main job's, so the config's K reproduces the
-main job's memory bank); the test features are extracted once and scored against each K's
+Per target class, `fit_memory_banks` fits every K with ONE compiled `sweep_k` per layer (its run
+for K equals `sinkhorn_kmeans` with that K; the rng is the main job's, so the config's K reproduces
+the main job's memory bank); the test features are extracted once and scored against each K's
 prototypes. A layer's bank holds M x h_n x w_n patch features: a K above that count is capped to
 it on that layer (the bank then keeps every patch as a prototype), and the tables list every cap.
 At the tiny config (64 px, M = 4) the layers hold 1024, 256, 64 and 16 patches.
 
-    python -m experiments.cluster_sweep --config experiments/configs/tiny.py --out runs/cluster_sweep
-    python -m experiments.cluster_sweep --config experiments/configs/paper.py --data PATH/TO/mvtec \\
+    python -m experiments.cluster_sweep --config tiny --out runs/cluster_sweep
+    python -m experiments.cluster_sweep --config paper --data PATH/TO/mvtec \\
         --out runs/cluster_sweep-paper --ks 5,10,20,30,40,64,128 --shard 0/2   # then --aggregate-only
 
 Writes OUT/cluster_sweep.json, .md and OUT/cluster_sweep.png (metric vs K, one line per split).
@@ -26,58 +26,35 @@ from typing import Any, Sequence
 import numpy as np
 
 from experiments import protocol
-from experiments.sweep import Sweep, main
+from experiments.runner import Experiment, main
 
 DEFAULT_KS = (5, 10, 20, 30, 40, 64, 128)
 BY = ("split", "k")
 
 
-def capped_ks(ks: Sequence[int], patches: int) -> list[int]:
-    """The K each requested K becomes on a bank of `patches` points: min(K, patches)."""
-    return [min(int(k), int(patches)) for k in ks]
+def layer_report(bank_features: Sequence, banks: dict, ks: Sequence[int]) -> list[dict]:
+    """Per layer: its patch count, the K each requested K became there (capped at the patch
+    count), convergence and objective of each fit."""
+    layers = []
+    for layer, features in enumerate(bank_features):
+        layers.append({"patches": int(np.prod(features.shape[:3])),
+                       "effective_k": [int(banks[k].prototypes[layer].shape[0]) for k in ks],
+                       "converged": [bool(banks[k].results[layer].converged) for k in ks],
+                       "objective": [float(banks[k].results[layer].objective) for k in ks]})
+    return layers
 
 
-def score_batches(features: Sequence, prototypes: Sequence, image_size: tuple[int, int], sigma: float,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Anomaly maps of pre-extracted features in fixed-size batches (the last one padded: one
-    compiled program per K)."""
-    import jax.numpy as jnp
-
-    from nexvitad_jax.inference.anomaly_maps import anomaly_maps
-
-    maps, scores = [], []
-    for start in range(0, features[0].shape[0], batch_size):
-        batch = [f[start:start + batch_size] for f in features]
-        count = batch[0].shape[0]
-        padded = [jnp.concatenate([b, jnp.repeat(b[-1:], batch_size - count, 0)]) for b in batch]
-        batch_maps, batch_scores = anomaly_maps(padded, list(prototypes), image_size=image_size, sigma=sigma)
-        maps.append(np.asarray(batch_maps[:count]))
-        scores.append(np.asarray(batch_scores[:count]))
-    return np.concatenate(maps), np.concatenate(scores)
-
-
-def fit_prototypes(bank: Sequence, ks: Sequence[int], *, rng, kmeans_options: dict) -> tuple[dict, list[dict]]:
-    """Per layer bank (M, h, w, D) ONE `sweep_k` over the distinct capped Ks, layer n with
-    fold_in(rng, n) as `AnomalyDetector.fit` does -> ({K: prototypes per layer}, per-layer info)."""
+def fit_banks(extractor, normal: np.ndarray, ks: Sequence[int], *, config, seed: int) -> tuple[dict, list[dict]]:
+    """The memory banks of every K from the normal images (uint8): {K: MemoryBank}, layer report.
+    The rng is the main job's, so the config's K reproduces the main job's memory bank."""
     import jax
 
-    from nexvitad_jax.inference import sweep_k
+    from nexvitad_jax.inference import fit_memory_banks
+    from nexvitad_jax.inference.batching import map_batches
 
-    prototypes, layers = {k: [] for k in ks}, []
-    for layer, features in enumerate(bank):
-        patches = features.reshape(-1, features.shape[-1])
-        effective = capped_ks(ks, patches.shape[0])
-        distinct = sorted(set(effective))
-        sweep = sweep_k(patches, distinct, rng=jax.random.fold_in(rng, layer), **kmeans_options)
-        by_k = dict(zip(distinct, sweep.prototypes))
-        converged = dict(zip(distinct, np.asarray(sweep.result.converged).tolist()))
-        objective = dict(zip(distinct, np.asarray(sweep.objective).tolist()))
-        for k, e in zip(ks, effective):
-            prototypes[k].append(by_k[e])
-        layers.append({"patches": int(patches.shape[0]), "effective_k": effective,
-                       "converged": [bool(converged[k]) for k in effective],
-                       "objective": [float(objective[k]) for k in effective]})
-    return prototypes, layers
+    features = map_batches(extractor, normal.astype(np.float32) / 255.0, int(config.eval.batch_size), to_host=False)
+    banks = fit_memory_banks(features, ks, rng=jax.random.key(seed), cap_to_bank=True, **config.bank.kmeans.to_dict())
+    return banks, layer_report(features, banks, ks)
 
 
 def cap_lines(ks: Sequence[int], layers: Sequence[dict]) -> list[str]:
@@ -88,40 +65,37 @@ def cap_lines(ks: Sequence[int], layers: Sequence[dict]) -> list[str]:
 
 def sweep_class(extractor, config, dataset, category: str, seed: int, ks: Sequence[int]) -> dict[str, Any]:
     """Metrics of one target class for every K."""
-    import jax
+    from nexvitad_jax.data import few_shot_images
+    from nexvitad_jax.inference.anomaly_maps import anomaly_maps
+    from nexvitad_jax.inference.batching import map_batches
+    from nexvitad_jax.metrics import evaluate_maps
 
-    from nexvitad_jax.data import few_shot_indices
-    from nexvitad_jax.inference import AnomalyDetector
-    from nexvitad_jax.pipeline import evaluate_maps
-
-    batch_size = int(config.get("eval_batch_size", 8))
-    extract = AnomalyDetector(extractor, batch_size=batch_size).extract
-    train = dataset.load(category, "train")
-    normal = train.images[few_shot_indices(train.paths, int(config.few_shot), seed)]
-    prototypes, layers = fit_prototypes(extract(normal.astype(np.float32) / 255.0), ks, rng=jax.random.key(seed),
-                                        kmeans_options=dict(config.get("kmeans", {})))
+    batch_size = int(config.eval.batch_size)
+    normal = few_shot_images(dataset, category, int(config.data.few_shot), seed)
+    banks, layers = fit_banks(extractor, normal, ks, config=config, seed=seed)
     test = dataset.load(category, "test")
-    test_features = extract(test.images.astype(np.float32) / 255.0)
+    test_features = map_batches(extractor, test.images.astype(np.float32) / 255.0, batch_size, to_host=False)
     per_k = {}
     for k in ks:
-        maps, scores = score_batches(test_features, prototypes[k], tuple(test.images.shape[1:3]),
-                                     float(config.get("sigma", 2.0)), batch_size)
+        maps, scores = map_batches(
+            lambda features: anomaly_maps(features, banks[k].prototypes, image_size=tuple(test.images.shape[1:3]),
+                                          sigma=float(config.bank.sigma)), test_features, batch_size)
         per_k[str(k)] = evaluate_maps(maps, test.masks, scores, test.labels)
     return {"per_k": per_k, "layers": layers}
 
 
 def execute(workdir: Path, progress: bool, *, config, data: str, split: str, seed: int,
             ks: Sequence[int]) -> dict[str, Any]:
-    from nexvitad_jax.data import open_dataset
-    from nexvitad_jax.pipeline import (EncoderFeatureExtractor, atomic_write, mean_metrics, resolve_classes,
-                                       resolve_split)
-    from nexvitad_jax.train.loop import train
+    from nexvitad_jax.data import open_dataset, protocol_classes, resolve_split
+    from nexvitad_jax.inference import EncoderFeatureExtractor
+    from nexvitad_jax.io import atomic_write
+    from nexvitad_jax.metrics import mean_metrics
+    from nexvitad_jax.train import train
 
-    dataset = open_dataset(data, image_size=int(config.image_size))
-    source, target = resolve_split(resolve_classes(dataset), split, None, seed)
+    dataset = open_dataset(data, image_size=int(config.data.image_size))
+    source, target = resolve_split(protocol_classes(dataset.classes), split, None, seed)
     trained = train(config, dataset, source, target, workdir / "train", progress=progress)
-    extractor = EncoderFeatureExtractor(trained.model, kind=str(config.get("bank_features", "interleaved")),
-                                        layers=tuple(config.get("bank_layers", (0, 1, 2, 3))))
+    extractor = EncoderFeatureExtractor.from_config(trained.model, config.bank)
     per_class = {}
     for category in target:  # per-class results resume like the main job's
         path = workdir / "classes" / f"{category}.json"
@@ -163,9 +137,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
                                  "Fig. 8: memory-bank metrics vs K (mean ± std over seeds)")]
 
 
-def build(args: argparse.Namespace) -> Sweep:
+def build(args: argparse.Namespace) -> Experiment:
     ks = protocol.positive_integers(args.ks, "--ks")
-    return Sweep("cluster_sweep", "NexViTAD ablation: number of clusters K (memory bank)",
+    return Experiment("cluster_sweep", "NexViTAD ablation: number of clusters K (memory bank)",
                  protocol.protocol_runs(args, {"": {}}, execute, ks=ks), aggregate, plot)
 
 

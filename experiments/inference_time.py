@@ -12,8 +12,8 @@ config names them; latency does not depend on the weights' values). The prototyp
 one `sweep_k` per layer on every train/good image of --category (all of them, so the small tiny-config
 layers hold at least K patches; a layer with fewer is capped and the table says so).
 
-    python -m experiments.inference_time --config experiments/configs/tiny.py --out runs/inference_time
-    python -m experiments.inference_time --config experiments/configs/paper.py --data PATH/TO/mvtec \\
+    python -m experiments.inference_time --config tiny --out runs/inference_time
+    python -m experiments.inference_time --config paper --data PATH/TO/mvtec \\
         --out runs/inference_time-paper --batches 1,5,10,15 --ks 5,10,20,30,40
 
 One run per batch size (so --shard splits them, but latencies are only comparable on one host).
@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from experiments import protocol
-from experiments.sweep import Run, Sweep, main
+from experiments.runner import Experiment, Run, main
 from nexvitad_jax.errors import UserInputError
 
 DEFAULT_BATCHES = (1, 5, 10, 15)
@@ -64,29 +64,26 @@ def execute(workdir: Path, progress: bool, *, config, data: str, category: str |
     import jax
     import jax.numpy as jnp
 
-    from experiments.cluster_sweep import cap_lines, fit_prototypes
-    from nexvitad_jax.data import open_dataset
-    from nexvitad_jax.inference import AnomalyDetector
+    from experiments.cluster_sweep import cap_lines, fit_banks
+    from nexvitad_jax.data import open_dataset, protocol_classes
+    from nexvitad_jax.inference import EncoderFeatureExtractor
     from nexvitad_jax.inference.anomaly_maps import anomaly_maps
-    from nexvitad_jax.pipeline import EncoderFeatureExtractor, resolve_classes
-    from nexvitad_jax.train.loop import build_model
+    from nexvitad_jax.models.build import build_model
 
-    dataset = open_dataset(data, image_size=int(config.image_size))
-    classes = resolve_classes(dataset)
+    dataset = open_dataset(data, image_size=int(config.data.image_size))
+    classes = protocol_classes(dataset.classes)
     category = category or classes[0]
     if category not in classes:
         raise UserInputError(f"--category {category!r}: not a class of {data}; expected one of {classes}")
     model = build_model(config, 1, 1)
-    extractor = EncoderFeatureExtractor(model, kind=str(config.get("bank_features", "interleaved")),
-                                        layers=tuple(config.get("bank_layers", (0, 1, 2, 3))))
-    normal = dataset.load(category, "train").images.astype(np.float32) / 255.0
-    bank = AnomalyDetector(extractor, batch_size=int(config.get("eval_batch_size", 8))).extract(normal)
-    prototypes, layers = fit_prototypes(bank, ks, rng=jax.random.key(int(config.seed)),
-                                        kmeans_options=dict(config.get("kmeans", {})))
+    extractor = EncoderFeatureExtractor.from_config(model, config.bank)
+    normal = dataset.load(category, "train").images
+    banks, layers = fit_banks(extractor, normal, ks, config=config, seed=int(config.seed))
+    prototypes = {k: banks[k].prototypes for k in ks}
     test = dataset.load(category, "test").images
     images = (test[np.arange(batch) % len(test)].astype(np.float32) / 255.0)
     size = tuple(images.shape[1:3])
-    sigma = float(config.get("sigma", 2.0))
+    sigma = float(config.bank.sigma)
     features = extractor(jnp.asarray(images))
     calls = {"extract": lambda: extractor(jnp.asarray(images))}
     for k in ks:
@@ -148,8 +145,8 @@ def plot(summary: dict, out: Path) -> list[Path]:
                                  "number of prototypes K per layer", "Fig. 9: memory-bank inference time")]
 
 
-def build(args: argparse.Namespace) -> Sweep:
-    from nexvitad_jax.pipeline import load_config
+def build(args: argparse.Namespace) -> Experiment:
+    from nexvitad_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
     ks, batches = protocol.positive_integers(args.ks, "--ks"), protocol.positive_integers(args.batches, "--batches")
@@ -162,7 +159,7 @@ def build(args: argparse.Namespace) -> Sweep:
         runs.append(Run(f"batch{batch:02d}", params, config,
                         functools.partial(execute, config=config, data=args.data, category=args.category, batch=batch,
                                           ks=ks, warmup=args.warmup, repeats=args.repeats)))
-    return Sweep("inference_time", "NexViTAD inference time: memory bank, batch size x K", runs, aggregate, plot)
+    return Experiment("inference_time", "NexViTAD inference time: memory bank, batch size x K", runs, aggregate, plot)
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

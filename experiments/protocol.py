@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from experiments.sweep import Run
+from experiments.runner import Experiment, Run
+from nexvitad_jax.config import load_config, uses_random_backbones, with_changes
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.pipeline import load_config, load_config_copy
 from nexvitad_jax.report import COLUMNS, METHOD_NAMES, percent
 
 PAPER_SPLITS = ("11/1", "10/2", "9/3", "8/4")
@@ -66,7 +66,7 @@ def run_name(split: str, seed: int, variant: str | None = None) -> str:
 def protocol_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, Any]], execute,
                   **options) -> list[Run]:
     """One run per split x seed x variant: `execute(workdir, progress, config=, data=, split=, seed=,
-    **options)`. A variant is config changes on top of --config/--set; a single variant named ""
+    **options)`. A variant is config changes ({"train.lambda1": 0.0}) on top of --config/--set; a single variant named ""
     leaves the run names without one."""
     base = load_config(args.config, args.overrides)
     splits, seeds = splits_and_seeds(args)
@@ -74,7 +74,7 @@ def protocol_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, 
     for split in splits:
         for seed in seeds:
             for variant, changes in variants.items():
-                config = load_config_copy(base, **changes, seed=seed)
+                config = with_changes(base, {**changes, "seed": seed})
                 params = {"data": str(args.data), "split": split, "seed": seed, "variant": variant,
                           "changes": dict(changes), **options}
                 runs.append(Run(run_name(split, seed, variant), params, config,
@@ -83,10 +83,10 @@ def protocol_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, 
     return runs
 
 
-def execute_pipeline(workdir: Path, progress: bool, *, config, data: str, split: str, seed: int,
+def execute_main_job(workdir: Path, progress: bool, *, config, data: str, split: str, seed: int,
                      methods: Sequence[str]) -> dict[str, Any]:
     """One `nexvitad run` (its metrics.json without the config, which the run's record holds)."""
-    from nexvitad_jax.pipeline import RANDOM_BACKBONE_NOTICE, RunSpec, run
+    from nexvitad_jax.run import RANDOM_BACKBONE_NOTICE, RunSpec, run
 
     def log(message: str) -> None:  # the aggregate says it once; the rest goes to stderr
         if message != RANDOM_BACKBONE_NOTICE:
@@ -97,13 +97,18 @@ def execute_pipeline(workdir: Path, progress: bool, *, config, data: str, split:
     return {key: value for key, value in results.items() if key != "config"}
 
 
-def pipeline_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, Any]],
+def main_job_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, Any]],
                   methods: Sequence[str] = ("memory_bank", "decoder")) -> list[Run]:
     """`nexvitad run` per split x seed x variant."""
-    return protocol_runs(args, variants, execute_pipeline, methods=list(methods))
+    return protocol_runs(args, variants, execute_main_job, methods=list(methods))
 
 
-def pipeline_rows(records: Sequence[dict]) -> list[dict[str, Any]]:
+def main_job_experiment(name: str, title: str, variants: Mapping[str, Mapping[str, Any]], aggregate, plot):
+    """The `build(args)` of an experiment of main-job runs, split x seed x variant."""
+    return lambda args: Experiment(name, title, main_job_runs(args, variants), aggregate, plot)
+
+
+def main_job_rows(records: Sequence[dict]) -> list[dict[str, Any]]:
     """One row per (run, inference method): the run's params and its metrics, mean over target classes."""
     rows = []
     for record in records:
@@ -176,15 +181,13 @@ def summary_markdown(groups: Sequence[dict[str, Any]], by: Sequence[str]) -> str
 
 
 def aggregate_runs(records: Sequence[dict], *, by: Sequence[str], note: str = "", footer: str = "") -> tuple[dict, str]:
-    """The `Sweep.aggregate` of main-job runs: stats per `by` group, Markdown tables between `note`
+    """The `Experiment.aggregate` of main-job runs: stats per `by` group, Markdown tables between `note`
     and `footer`."""
-    groups = summarize(pipeline_rows(records), by)
+    groups = summarize(main_job_rows(records), by)
     return {"by": list(by), "groups": groups}, random_backbone_note(records) + note + summary_markdown(groups, by) + footer
 
 
 def random_backbone_note(records: Sequence[dict]) -> str:
-    from nexvitad_jax.pipeline import uses_random_backbones
-
     if any(uses_random_backbones(record["config"]) for record in records):
         return ("These runs use RANDOMLY INITIALIZED backbones (no pretrained weights): the figures check the "
                 "pipeline, they are not the paper's accuracy.\n\n")

@@ -3,8 +3,8 @@ over N seeds (a seed draws the classes, the few-shot images and the initializati
 mean ± std over seeds and the best (the paper reports the best of 20 random splits), for the memory
 bank and the decoder inference paths.
 
-    python -m experiments.table1 --config experiments/configs/tiny.py --out runs/table1 --seeds 2
-    python -m experiments.table1 --config experiments/configs/paper.py --data PATH/TO/mvtec \\
+    python -m experiments.table1 --config tiny --out runs/table1 --seeds 2
+    python -m experiments.table1 --config paper --data PATH/TO/mvtec \\
         --out runs/table1-paper --seeds 20 --shard 0/4          # hosts 0..3, then --aggregate-only
 
 Writes OUT/table1.json, OUT/table1.md (the tables) and OUT/table1.png (bars per split).
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from experiments import protocol
-from experiments.sweep import Sweep, main
+from experiments.runner import main
 
 # The paper's Table 1 (Hiera-Huge + DINOv2-S on MVTec AD, best of 20 splits, memory bank, K = 30):
 # pixel AUROC, AP, PRO (%).
@@ -37,9 +37,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
                                   "Table 1: target-domain performance per split")]
 
 
-def build(args: argparse.Namespace) -> Sweep:
-    return Sweep("table1", "NexViTAD Table 1: target-domain performance per split",
-                 protocol.pipeline_runs(args, {"": {}}), aggregate, plot)
+build = protocol.main_job_experiment(
+    "table1", "NexViTAD Table 1: target-domain performance per split",
+    {"": {}}, aggregate, plot)
 
 
 def arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,15 +1,15 @@
 """Compiling for compile speed, for programs where compile time matters more than run time.
 
 `fast_compile_options()`: XLA's LLVM optimization level 0 and, on CPU, the classic elemental
-emitters instead of the MLIR fusion emitters. Measured on 2 shared CPU cores, tiny config: the
-phase-2 train step compiles in 4.5 s of CPU instead of 21 s and runs ~1.6x slower; the
-initializers of the tiny model compile ~5x faster. Options the running XLA does not know are left
-out (they are probed once), so a newer XLA degrades to the default compilation, never to an error.
+emitters instead of the MLIR fusion emitters. Programs compile several times faster and run
+slower, which pays where compilation dominates: tests, the tiny config, runs of a few hundred steps.
+Options the running XLA does not know are left out (they are probed once), so a newer XLA
+degrades to the default compilation, never to an error.
 
 `initialize(create)`: an nnx module built with all of its initializers in one such program.
-Eagerly, every initializer call of a new shape compiles an XLA program of its own: about a minute
-for the tiny NexViTAD model on 2 CPU cores, against a few seconds here. jax.random is deterministic
-under jit; the values differ from eager ones by float rounding only (<= 1.2e-7 measured).
+Eagerly, every initializer call of a new shape compiles an XLA program of its own, which makes
+building even the tiny NexViTAD model compile-bound. jax.random is deterministic under jit; the
+values differ from eager ones by float rounding only.
 """
 
 from __future__ import annotations

@@ -23,3 +23,19 @@ def test_user_error_prints_message_not_traceback(capsys, monkeypatch):
     assert cli.main(["boom"]) == 2
     err = capsys.readouterr().err
     assert "bad value 3 for --k" in err and "Traceback" not in err
+
+
+def test_help_lists_library_and_registered_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in (*cli.COMMANDS, "convert"):  # convert: the converters' entry point, not named by the library
+        assert f"  {name} " in out
+    assert "convert" not in cli.COMMANDS
+
+
+def test_convert_command_reaches_the_converters(capsys):
+    try:
+        cli.main(["convert", "--help"])
+    except SystemExit as exit_:  # argparse's --help
+        assert exit_.code == 0
+    assert "--source" in capsys.readouterr().out

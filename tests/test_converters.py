@@ -305,8 +305,58 @@ def test_load_backbone_errors(official_pth, tmp_path):
     config_path = tmp_path / "out" / "config.json"
     metadata = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**metadata, "format_version": 99}))
-    with pytest.raises(UserInputError, match="format_version 99"):
+    with pytest.raises(UserInputError, match=r"format_version 99, .*re-create it with "
+                                             r"`python -m converters dinov2 --source .*dinov2_vits14_pretrain.pth --out"):
         load_backbone(tmp_path / "out")
     config_path.write_text("{not json")
     with pytest.raises(UserInputError, match="not valid JSON"):
         load_backbone(tmp_path / "out")
+
+
+def write_format_1_backbone(directory: Path, family: str, module, dtype: str) -> None:
+    """A converted backbone in the on-disk layout of format_version 1, written without save_backbone:
+    config.json, and the parameters' pure dict with every key a string as an orbax checkpoint."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    def string_keys(tree):
+        if isinstance(tree, dict):
+            return {str(key): string_keys(value) for key, value in tree.items()}
+        return np.asarray(jnp.asarray(tree, getattr(jnp, dtype)))
+
+    directory.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", string_keys(nnx.state(module, nnx.Param).to_pure_dict()))
+    checkpointer.wait_until_finished()
+    (directory / "config.json").write_text(json.dumps(
+        {"family": family, "variant": "custom", "config": module.config.to_dict(), "source": "random",
+         "dtype": dtype, "format_version": 1}, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("family, spec, dtype", [
+    ("hiera", {"embed_dim": 8, "num_heads": [1, 1, 2, 2], "depths": [1, 2, 2, 1], "image_size": [64, 64]}, "float32"),
+    ("dinov2", {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56}, "bfloat16"),
+])
+def test_format_version_1_checkpoints_load(family, spec, dtype, tmp_path):
+    """Checkpoints written in the format_version 1 layout (int keys of nnx lists stored as strings)
+    load into the same parameters and outputs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from nexvitad_jax.models import build_backbone
+
+    module = build_backbone(family, spec, rngs=nnx.Rngs(5), param_dtype=getattr(jnp, dtype),
+                            dtype=getattr(jnp, dtype))
+    write_format_1_backbone(tmp_path / family, family, module, dtype)
+    loaded, params = load_backbone(tmp_path / family)
+    assert loaded.config == module.config
+    expected = nnx.state(module, nnx.Param).to_pure_dict()
+    assert jax.tree.structure(params.to_pure_dict()) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(params.to_pure_dict()), jax.tree.leaves(expected)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    images = jnp.asarray(np.random.default_rng(9).standard_normal((1, 64, 64, 3)), jnp.float32)
+    for got, want in zip(jax.tree.leaves(loaded(images)), jax.tree.leaves(module(images))):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

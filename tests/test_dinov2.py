@@ -12,9 +12,10 @@ from flax import nnx
 
 from converters import dinov2 as dinov2_converter
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, normalize_images
-from nexvitad_jax.models.dinov2 import (VARIANTS, Dinov2Config, from_hf_config, resize_position_embeddings,
-                                        to_hf_config)
+from nexvitad_jax.models import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, instantiate_backbone, normalize_images,
+                                 resolve_config)
+from nexvitad_jax.models.dinov2 import VARIANTS, Dinov2Config, from_hf_config, to_hf_config
+from nexvitad_jax.models.layers import ACTIVATIONS, resize_position_embeddings
 
 TOLERANCE = 1e-5
 
@@ -53,7 +54,7 @@ def tiny_pair(request):
     torch_model = random_torch_model(TINY_CONFIGS[request.param])
     config = from_hf_config(torch_model.config.to_dict())
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    flax_model = dinov2_converter.build_flax(config, dinov2_converter.convert(state, config, "hf"))
+    flax_model = instantiate_backbone("dinov2", config, dinov2_converter.convert(state, config, "hf"))
     return config, torch_model, flax_model
 
 
@@ -91,10 +92,22 @@ def test_position_resize_matches_torch_interpolate(grid_in, grid_out, antialias)
     assert relative_error(got, expected) <= TOLERANCE
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activations_match_transformers(name):
+    """The activation table both ports share equals transformers' ACT2FN for every name it accepts."""
+    from transformers.activations import ACT2FN
+
+    x = np.linspace(-6.0, 6.0, 2001, dtype=np.float32)
+    expected = ACT2FN[name](torch.from_numpy(x)).numpy()
+    got = np.asarray(ACTIVATIONS[name](jnp.asarray(x)))
+    # The exact GELU's erf is a float32 rational polynomial (see layers.erf_f32), within 1e-6.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
 def test_bf16_compute_close_to_fp32(tiny_pair):
     config, torch_model, flax_model = tiny_pair
     state = nnx.state(flax_model, nnx.Param).to_pure_dict()
-    bf16_model = dinov2_converter.build_flax(config, state, dtype=jnp.bfloat16)
+    bf16_model = instantiate_backbone("dinov2", config, state, dtype=jnp.bfloat16)
     images = np.random.default_rng(3).standard_normal((2, 224, 224, 3)).astype(np.float32)
     fp32_out = dinov2_converter.flax_outputs(flax_model, images)
     bf16_out = dinov2_converter.flax_outputs(bf16_model, images)
@@ -150,6 +163,35 @@ def test_bad_inputs_raise_user_errors():
         Dinov2Config.from_dict({**config.to_dict(), "depth": 3})
 
 
+def test_resolve_config_forms():
+    import ml_collections
+
+    small = VARIANTS["small"]
+    assert resolve_config("dinov2", "small") is small
+    assert resolve_config("dinov2", small) is small
+    assert resolve_config("dinov2", {"variant": "small"}) == small
+    assert resolve_config("dinov2", ml_collections.ConfigDict({"variant": "small-reg"})) == VARIANTS["small-reg"]
+    expected = Dinov2Config(**{**small.to_dict(), "image_size": 224, "hidden_act": "gelu_pytorch_tanh"})
+    assert resolve_config("dinov2", {"variant": "small", "image_size": 224, "hidden_act": "gelu_pytorch_tanh"}) \
+        == expected
+    spec = ml_collections.ConfigDict({"variant": "small"})
+    spec.image_size = 224
+    assert resolve_config("dinov2", spec) == Dinov2Config(**{**small.to_dict(), "image_size": 224})
+    # Without "variant": the dataclass defaults with the fields replaced.
+    fields = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 56}
+    assert resolve_config("dinov2", fields) == Dinov2Config.from_dict(fields)
+    assert resolve_config("dinov2", ml_collections.ConfigDict(fields)) == Dinov2Config(**fields)
+
+
+def test_resolve_config_errors():
+    with pytest.raises(UserInputError, match=r"unknown dinov2 variant 'tiny'; expected one of \[.*'small-reg'"):
+        resolve_config("dinov2", {"variant": "tiny", "image_size": 224})
+    with pytest.raises(UserInputError, match=r"Dinov2Config: unknown fields \['depth'\]; expected a subset of"):
+        resolve_config("dinov2", {"variant": "small", "depth": 3})
+    with pytest.raises(UserInputError, match="expected a variant name, a config dict or a Dinov2Config"):
+        resolve_config("dinov2", ["small"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["small", "base", "large", "giant", "small-reg"])
 def test_full_size_parity_at_224(name):
@@ -160,7 +202,7 @@ def test_full_size_parity_at_224(name):
         for param_name, param in torch_model.named_parameters():
             param.add_((1.0 if "position_embeddings" in param_name else 0.02) * torch.randn_like(param))
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    flax_model = dinov2_converter.build_flax(config, dinov2_converter.convert(state, config, "hf"))
+    flax_model = instantiate_backbone("dinov2", config, dinov2_converter.convert(state, config, "hf"))
     images = np.random.default_rng(5).standard_normal((1, 224, 224, 3)).astype(np.float32)
     errors = [relative_error(f, t) for f, t in zip(dinov2_converter.flax_outputs(flax_model, images),
                                                      dinov2_converter.torch_outputs(torch_model, images))]

@@ -1,12 +1,11 @@
 """The experiment scripts: shard selection, the runner's skip/resume/aggregate-only, the statistics
-over seeds (against numpy on hand-written result files), and a real sweep killed with SIGKILL and
+over seeds (against numpy on hand-written result files), and a real experiment killed with SIGKILL and
 restarted (tiny config, synthetic set, 2/1 split)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -18,12 +17,11 @@ import numpy as np
 import pytest
 
 from experiments import ablation_decoder, ablation_mtl, cluster_sweep, protocol, table1
-from experiments.sweep import Run, Sweep, main, parse_shard, result_path, run_sweep, shard_runs
+from experiments.runner import Experiment, Run, main, parse_shard, result_path, run_experiment, shard_runs
+from nexvitad_jax.config import config_dict, load_config
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.pipeline import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO_ROOT / "experiments" / "configs" / "tiny.py"
 METRICS = ("pixel_auroc", "pixel_ap", "pro_iou", "aupro", "image_auroc")
 
 
@@ -50,7 +48,7 @@ def test_shards_split_the_runs_by_index_mod_n():
 # ----------------------------------------------------------------------------- runner
 
 
-def _counting_sweep(calls: list[str], config: dict | None = None) -> Sweep:
+def _counting_experiment(calls: list[str], config: dict | None = None) -> Experiment:
     """Five cheap runs whose result is their index squared; `calls` records every execution."""
 
     def execute(workdir: Path, progress: bool, index: int):
@@ -67,52 +65,52 @@ def _counting_sweep(calls: list[str], config: dict | None = None) -> Sweep:
         values = [record["result"]["value"] for record in records]
         return {"total": sum(values)}, f"total {sum(values)}\n"
 
-    return Sweep("counting", "counting sweep", runs, aggregate)
+    return Experiment("counting", "counting experiment", runs, aggregate)
 
 
 def test_runner_skips_finished_runs_and_gathers_shards(tmp_path):
     calls: list[str] = []
     hosts = [tmp_path / "host0", tmp_path / "host1"]
-    partial = run_sweep(_counting_sweep(calls), hosts[0], shard=(0, 2), log=lambda m: None)
+    partial = run_experiment(_counting_experiment(calls), hosts[0], shard=(0, 2), log=lambda m: None)
     assert calls == ["run0", "run2", "run4"]
     assert partial["finished"] == ["run0", "run2", "run4"] and partial["missing"] == ["run1", "run3"]
     assert partial["summary"] == {"total": 0 + 4 + 16}
-    run_sweep(_counting_sweep(calls), hosts[1], shard=(1, 2), log=lambda m: None)
+    run_experiment(_counting_experiment(calls), hosts[1], shard=(1, 2), log=lambda m: None)
     assert calls == ["run0", "run2", "run4", "run1", "run3"]
 
     # Running shard 0 again executes nothing: every result exists.
-    mtime = result_path(hosts[0], _counting_sweep([]).runs[0]).stat().st_mtime_ns
-    run_sweep(_counting_sweep(calls), hosts[0], shard=(0, 2), log=lambda m: None)
-    assert len(calls) == 5 and result_path(hosts[0], _counting_sweep([]).runs[0]).stat().st_mtime_ns == mtime
+    mtime = result_path(hosts[0], _counting_experiment([]).runs[0]).stat().st_mtime_ns
+    run_experiment(_counting_experiment(calls), hosts[0], shard=(0, 2), log=lambda m: None)
+    assert len(calls) == 5 and result_path(hosts[0], _counting_experiment([]).runs[0]).stat().st_mtime_ns == mtime
 
     # The gathering host copies every shard's runs/ and aggregates without running anything.
     gathered = tmp_path / "gathered"
     for host in hosts:
         shutil.copytree(host / "runs", gathered / "runs", dirs_exist_ok=True)
-    aggregate = run_sweep(_counting_sweep(calls), gathered, aggregate_only=True, log=lambda m: None)
+    aggregate = run_experiment(_counting_experiment(calls), gathered, aggregate_only=True, log=lambda m: None)
     assert len(calls) == 5
     assert aggregate["missing"] == [] and aggregate["summary"] == {"total": sum(i**2 for i in range(5))}
     assert json.loads((gathered / "counting.json").read_text()) == aggregate
     assert "5 of 5 runs finished." in (gathered / "counting.md").read_text()
-    record = json.loads(result_path(gathered, _counting_sweep([]).runs[3]).read_text())
+    record = json.loads(result_path(gathered, _counting_experiment([]).runs[3]).read_text())
     assert record["params"] == {"index": 3} and record["config"] == {"setting": 1}  # results carry their config
 
 
 def test_runner_refuses_results_of_another_config(tmp_path):
-    run_sweep(_counting_sweep([]), tmp_path, log=lambda m: None)
+    run_experiment(_counting_experiment([]), tmp_path, log=lambda m: None)
     with pytest.raises(UserInputError, match=r"another run .*setting: saved 1, now 2"):
-        run_sweep(_counting_sweep([], {"setting": 2}), tmp_path, log=lambda m: None)
+        run_experiment(_counting_experiment([], {"setting": 2}), tmp_path, log=lambda m: None)
 
 
 # ----------------------------------------------------------------------------- statistics
 
 
 def _args(**changes) -> argparse.Namespace:
-    values = dict(config=str(TINY_CONFIG), overrides=[], data="synthetic", splits="11/1,10/2", seeds=3)
+    values = dict(config="tiny", overrides=[], data="synthetic", splits="11/1,10/2", seeds=3)
     return argparse.Namespace(**(values | changes))
 
 
-def _write_pipeline_results(out: Path, sweep: Sweep, rng: np.random.Generator) -> dict:
+def _write_main_job_results(out: Path, sweep: Experiment, rng: np.random.Generator) -> dict:
     """Hand-written result.json files with random metrics; one image AUROC undefined (None).
     Returns {(split, variant, method): {metric: [values by seed]}}."""
     expected: dict = {}
@@ -126,7 +124,7 @@ def _write_pipeline_results(out: Path, sweep: Sweep, rng: np.random.Generator) -
             key = (run.params["split"], run.params["variant"], method)
             for name in METRICS:
                 expected.setdefault(key, {}).setdefault(name, []).append((run.params["seed"], metrics[name]))
-        record = {"format": 1, "name": run.name, "key": run.key(), "params": run.params, "config": {},
+        record = {"format": 1, "name": run.name, "key": run.key(), "params": run.params, "config": config_dict(run.config),
                   "result": {"mean": mean}}
         path = result_path(out, run)
         path.parent.mkdir(parents=True)
@@ -139,8 +137,8 @@ def _write_pipeline_results(out: Path, sweep: Sweep, rng: np.random.Generator) -
 def test_aggregation_matches_numpy(tmp_path, module, variants, capsys):
     sweep = module.build(_args())
     assert len(sweep.runs) == 2 * 3 * len(variants)
-    expected = _write_pipeline_results(tmp_path, sweep, np.random.default_rng(0))
-    argv = ["--config", str(TINY_CONFIG), "--out", str(tmp_path), "--splits", "11/1,10/2", "--seeds", "3",
+    expected = _write_main_job_results(tmp_path, sweep, np.random.default_rng(0))
+    argv = ["--config", "tiny", "--out", str(tmp_path), "--splits", "11/1,10/2", "--seeds", "3",
             "--aggregate-only"]
     assert main(module.build, argv, module.__doc__, module.arguments) == 0
     aggregate = json.loads((tmp_path / f"{sweep.name}.json").read_text())
@@ -165,7 +163,6 @@ def test_aggregation_matches_numpy(tmp_path, module, variants, capsys):
 
 
 def test_cluster_sweep_caps_k_at_the_bank_size_and_aggregates_per_k(tmp_path):
-    assert cluster_sweep.capped_ks([5, 10, 20, 64], 16) == [5, 10, 16, 16]
     layers = [{"patches": 1024, "effective_k": [5, 20]}, {"patches": 16, "effective_k": [5, 16]}]
     assert cluster_sweep.cap_lines([5, 20], layers) == ["K=20: layer 1 (16 patches) -> 16"]
     records = []
@@ -173,7 +170,8 @@ def test_cluster_sweep_caps_k_at_the_bank_size_and_aggregates_per_k(tmp_path):
     for seed in (0, 1):
         mean = {str(k): {name: float(rng.uniform()) for name in METRICS} for k in (5, 20)}
         records.append({"params": {"split": "11/1", "seed": seed},
-                        "result": {"ks": [5, 20], "mean": mean, "per_class": {"pill": {"layers": layers}}}, "config": {}})
+                        "result": {"ks": [5, 20], "mean": mean, "per_class": {"pill": {"layers": layers}}},
+                        "config": config_dict(load_config("tiny"))})
     summary, markdown = cluster_sweep.aggregate(records)
     assert [(g["split"], g["k"]) for g in summary["groups"]] == [("11/1", 5), ("11/1", 20)]
     values = [r["result"]["mean"]["20"]["pro_iou"] for r in records]
@@ -192,9 +190,10 @@ def test_protocol_arguments_are_checked():
     with pytest.raises(UserInputError, match="--ks"):
         protocol.positive_integers("5,x", "--ks")
     # Variants change the config on top of --set; the seed is the run's.
-    runs = ablation_decoder.build(_args(overrides=["lambda1=0.5"], seeds=1, splits="11/1")).runs
-    assert [(r.config.lambda1, r.config.lambda2, r.config.seed) for r in runs] == [(0.5, 1.0, 0), (0.0, 0.0, 0)]
-    assert load_config(TINY_CONFIG).lambda1 == 1.0
+    runs = ablation_decoder.build(_args(overrides=["train.lambda1=0.5"], seeds=1, splits="11/1")).runs
+    assert [(r.config.train.lambda1, r.config.train.lambda2, r.config.seed) for r in runs] == [(0.5, 1.0, 0),
+                                                                                               (0.0, 0.0, 0)]
+    assert load_config("tiny").train.lambda1 == 1.0
 
 
 # ----------------------------------------------------------------------------- a killed sweep
@@ -202,8 +201,9 @@ def test_protocol_arguments_are_checked():
 
 # Two tiny runs; phase 1 only and a one-layer memory bank halve the compilation, and the resume
 # machinery is the same (training checkpoints, then per-class results).
-TINY = ["--config", str(TINY_CONFIG), "--splits", "2/1", "--seeds", "2", "--no-progress",
-        *(f"--set={item}" for item in ("epochs=1", "phase1_epochs=1", "steps_per_epoch=2", "bank_layers=(3,)"))]
+TINY = ["--config", "tiny", "--splits", "2/1", "--seeds", "2", "--no-progress",
+        *(f"--set={item}" for item in ("train.epochs=1", "train.phase1_epochs=1", "train.steps_per_epoch=2",
+                                       "bank.layers=(3,)"))]
 
 
 def _table1(out: Path, cache: Path) -> subprocess.Popen:

@@ -172,15 +172,21 @@ def test_parity_interpolated_position_embeddings():
 
 @pytest.mark.parametrize("grid_in, grid_out", [((8, 8), (12, 12)), ((14, 14), (9, 11)), ((6, 10), (6, 10))])
 def test_position_embedding_resize_matches_torch_bicubic(grid_in, grid_out):
-    from nexvitad_jax.models.hiera import resize_position_embeddings
+    from flax import nnx
 
+    from nexvitad_jax.models.hiera import Hiera
+
+    config = HieraConfig(embed_dim=5, num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1),
+                         image_size=tuple(4 * g for g in grid_in))
+    model = Hiera(config, rngs=nnx.Rngs(0))
     pos = np.random.default_rng(0).normal(size=(1, grid_in[0] * grid_in[1], 5)).astype(np.float32)
+    model.position_embeddings[...] = jnp.asarray(pos)
     grid = torch.from_numpy(pos).reshape(1, *grid_in, 5).permute(0, 3, 1, 2)
     reference = torch.nn.functional.interpolate(grid, size=grid_out, mode="bicubic", align_corners=False)
     reference = reference.permute(0, 2, 3, 1).reshape(1, -1, 5).numpy()
-    ours = np.asarray(resize_position_embeddings(jnp.asarray(pos), grid_in, grid_out))
+    ours = np.asarray(model.position_embeddings_for(grid_out))
     assert ours.shape == reference.shape
-    # float32 rounding only (torch sums the 16 taps in float32 in its own order): ~1e-6 measured.
+    # float32 rounding only: torch sums the 16 taps in float32 in its own order.
     assert np.abs(ours - reference).max() <= TOLERANCE * np.abs(reference).max()
 
 
@@ -301,7 +307,7 @@ def test_official_errors():
     with pytest.raises(UserInputError, match="matches no known variant"):
         hiera_converter.config_from_official(official_state_from_hf(
             hf_state_numpy(randomized_torch_model(config)), config), None)
-    with pytest.raises(UserInputError, match="unknown Hiera variant 'gigantic'"):
+    with pytest.raises(UserInputError, match="unknown hiera variant 'gigantic'"):
         hiera_converter.config_from_official(official, "gigantic")
     with pytest.raises(UserInputError, match="unknown Hiera checkpoint layout 'timm'"):
         hiera_converter.convert(official, config, "timm")
@@ -313,7 +319,7 @@ def test_config_errors():
     with pytest.raises(UserInputError, match="one entry per stage"):
         HieraConfig(num_heads=(1, 2, 4))
     with pytest.raises(UserInputError, match="hidden_act"):
-        HieraConfig(hidden_act="swish")
+        HieraConfig(hidden_act="swiglu")
     with pytest.raises(UserInputError, match="masked_unit_size"):
         HieraConfig(masked_unit_size=(4, 4))
     with pytest.raises(UserInputError, match="not divisible by num_heads"):
@@ -322,6 +328,40 @@ def test_config_errors():
         HieraConfig.from_dict({"embed_dim": 8, "colour": "red"})
     with pytest.raises(UserInputError, match="model_type 'hiera'"):
         from_hf_config({"model_type": "dinov2"})
+
+
+def test_resolve_config_forms():
+    import ml_collections
+
+    from nexvitad_jax.models import resolve_config
+
+    huge = VARIANTS["huge"]
+    assert resolve_config("hiera", "huge") is huge
+    assert resolve_config("hiera", huge) is huge
+    assert resolve_config("hiera", {"variant": "huge"}) == huge
+    assert resolve_config("hiera", ml_collections.ConfigDict({"variant": "huge"})) == huge
+    at_448 = dataclasses.replace(huge, image_size=(448, 448))
+    assert resolve_config("hiera", {"variant": "huge", "image_size": [448, 448]}) == at_448
+    spec = ml_collections.ConfigDict({"variant": "huge"})
+    spec.image_size = [448, 448]  # as a derived config file overrides one field
+    assert resolve_config("hiera", spec) == at_448
+    # Without "variant": the dataclass defaults (hiera-base) with the fields replaced.
+    fields = {"embed_dim": 8, "num_heads": [1, 1, 1, 1], "depths": [1, 1, 1, 1]}
+    assert resolve_config("hiera", fields) == HieraConfig.from_dict(fields)
+    assert resolve_config("hiera", ml_collections.ConfigDict(fields)) == HieraConfig.from_dict(fields)
+
+
+def test_resolve_config_errors():
+    from nexvitad_jax.models import resolve_config
+
+    with pytest.raises(UserInputError, match=r"unknown hiera variant 'gigantic'; expected one of \[.*'huge'"):
+        resolve_config("hiera", {"variant": "gigantic"})
+    with pytest.raises(UserInputError, match=r"Hiera config: unknown fields \['colour'\]; expected a subset of"):
+        resolve_config("hiera", {"variant": "huge", "colour": "red"})
+    with pytest.raises(UserInputError, match="Hiera config: unknown fields"):
+        resolve_config("hiera", {"colour": "red"})
+    with pytest.raises(UserInputError, match="expected a variant name, a config dict or a HieraConfig"):
+        resolve_config("hiera", 3)
 
 
 def test_input_errors(tiny_pair):

@@ -14,8 +14,9 @@ from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference import AnomalyDetector
 from nexvitad_jax.inference.anomaly_maps import (anomaly_maps, gaussian_blur, nearest_prototype_distance,
                                                  upsample_bilinear)
-from nexvitad_jax.inference.detector import BackboneFeatureExtractor
-from nexvitad_jax.inference.memory_bank import build_memory_bank, select_normal_images
+from nexvitad_jax.inference import BackboneFeatureExtractor, sinkhorn_kmeans
+from nexvitad_jax.inference.batching import map_batches, padded_batches
+from nexvitad_jax.inference.memory_bank import build_memory_bank, fit_memory_banks
 
 
 def scipy_blur(maps: np.ndarray) -> np.ndarray:
@@ -63,12 +64,35 @@ def test_anomaly_maps_equal_reference_pipeline():
     np.testing.assert_allclose(np.asarray(scores), expected.max(axis=(1, 2)), atol=1e-5)
 
 
-def test_select_normal_images_slices_by_seed_and_wraps():
-    files = [f"{i:03d}.png" for i in range(25)][::-1]
-    assert select_normal_images(files, 10, 0) == [f"{i:03d}.png" for i in range(10)]
-    assert select_normal_images(files, 10, 2) == [f"{i:03d}.png" for i in [20, 21, 22, 23, 24, 0, 1, 2, 3, 4]]
-    with pytest.raises(UserInputError, match="no normal images"):
-        select_normal_images([], 10, 0)
+def test_padded_batches_and_map_batches_cover_every_row_once():
+    rows = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    batches = list(padded_batches({"a": rows, "b": rows[:, 0]}, 3))
+    assert [count for count, _ in batches] == [3, 3, 1]
+    assert all(batch["a"].shape == (3, 3) for _, batch in batches)  # one static shape
+    np.testing.assert_array_equal(batches[-1][1]["a"], rows[[6, 6, 6]])  # padded with the last row
+    doubled, total = map_batches(lambda batch: (2 * batch["a"], batch["b"] + 1), {"a": rows, "b": rows[:, 0]}, 3)
+    np.testing.assert_array_equal(doubled, 2 * rows)
+    np.testing.assert_array_equal(total, rows[:, 0] + 1)
+
+
+def test_memory_banks_of_several_k_equal_each_k_alone():
+    """fit_memory_banks: one sweep per layer; the bank of each K equals sinkhorn_kmeans of that K on
+    the layer's patches with fold_in(rng, layer), and K above a layer's patch count is capped there."""
+    rng = np.random.default_rng(4)
+    features = [jnp.asarray(rng.normal(size=(2, 6, 6, 5)), jnp.float32),
+                jnp.asarray(rng.normal(size=(2, 2, 2, 7)), jnp.float32)]
+    key = jax.random.key(3)
+    banks = fit_memory_banks(features, [3, 9], rng=key, cap_to_bank=True, max_iters=20)
+    for k in (3, 9):
+        for layer, layer_features in enumerate(features):
+            patches = layer_features.reshape(-1, layer_features.shape[-1])
+            alone, _ = sinkhorn_kmeans(patches, min(k, patches.shape[0]), rng=jax.random.fold_in(key, layer),
+                                       max_iters=20)
+            np.testing.assert_allclose(np.asarray(banks[k].prototypes[layer]), np.asarray(alone), rtol=1e-5,
+                                       atol=1e-5)
+    assert banks[9].prototypes[1].shape == (8, 7)  # capped: 2 images x 2x2 patches
+    single = build_memory_bank(features[:1], 3, rng=key, max_iters=20)
+    np.testing.assert_array_equal(np.asarray(single.prototypes[0]), np.asarray(banks[3].prototypes[0]))
 
 
 def test_memory_bank_needs_k_patches():
@@ -150,7 +174,7 @@ def test_random_backbone_extractor_describes_and_detects_mismatch(tmp_path):
 
 
 def test_describe_differences_lists_nested_fields_and_ignores_locations():
-    from nexvitad_jax.inference.detector import describe_differences
+    from nexvitad_jax.identity import describe_differences
 
     saved = {"hiera": {"weights": "aa", "directory": "/old"}, "layers": [0, 1]}
     assert describe_differences(saved, {"hiera": {"weights": "aa", "directory": "/new"}, "layers": [0, 1]}) == []

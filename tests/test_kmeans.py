@@ -1,5 +1,6 @@
-"""Sinkhorn K-means: blobs (sklearn ARI), balance vs Lloyd, a NumPy log-domain reference, sweeps,
-errors, and the ott-jax shim."""
+"""Sinkhorn K-means: blobs (sklearn ARI), balance vs Lloyd, a NumPy log-domain reference, a plain
+OTT-JAX reference of the paper's iteration, sweeps, k-means++, solver options, errors, and the
+ott-jax shim."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.inference import sinkhorn_kmeans, sweep_k, transport_assignments
-from nexvitad_jax.inference.sinkhorn_kmeans import kmeans_plus_plus
+from nexvitad_jax.inference import SolverOptions, sinkhorn_kmeans, sweep_k, transport_assignments
+from nexvitad_jax.inference._ott_compat import linear_problem, pointcloud, sinkhorn
+from nexvitad_jax.inference.kmeans_init import kmeans_plus_plus
 
 # The module (the package exports the function of the same name).
 kmeans_module = importlib.import_module("nexvitad_jax.inference.sinkhorn_kmeans")
@@ -109,38 +111,101 @@ def reference_problem():
 @pytest.mark.parametrize("newton_steps", [30, 0], ids=["newton-then-sinkhorn", "sinkhorn-only"])
 def test_matches_numpy_log_domain_reference(reference_problem, newton_steps):
     x, init, expected = reference_problem
+    options = SolverOptions(sinkhorn_threshold=1e-6, sinkhorn_max_iters=20000, newton_steps=newton_steps)
     prototypes, result = sinkhorn_kmeans(x.astype(np.float32), 4, rng=jax.random.key(2), init=init,
-                                         epsilon=0.05, max_iters=4, tol=0.0, sinkhorn_threshold=1e-6,
-                                         sinkhorn_max_iters=20000, newton_steps=newton_steps)
+                                         epsilon=0.05, max_iters=4, tol=0.0, options=options)
     assert int(result.iterations) == 4
     np.testing.assert_allclose(np.asarray(prototypes), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("newton_max_k", [None, 4], ids=["newton", "newton-for-k2-only"])
-def test_sweep_equals_each_k_alone_online_and_blocked(monkeypatch, request, newton_max_k):
+def ott_reference_kmeans(x, init, epsilon: float, max_iters: int, tol: float, threshold: float):
+    """The paper's iteration, plainly: OTT's Sinkhorn on the squared Euclidean PointCloud with the
+    absolute epsilon (epsilon x total variance) and uniform marginals, soft assignment by the
+    normalized transport rows, weighted means; stop once the largest move is <= tol x sqrt(total
+    variance). Returns (prototypes, iterations run)."""
+    n, k = x.shape[0], init.shape[0]
+    scale = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, axis=1))
+    solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=100_000)
+
+    @jax.jit
+    def iteration(prototypes):
+        geom = pointcloud.PointCloud(x, prototypes, epsilon=epsilon * scale)  # squared Euclidean cost
+        out = solver(linear_problem.LinearProblem(geom, a=jnp.full(n, 1.0 / n), b=jnp.full(k, 1.0 / k)))
+        weights = out.matrix / out.matrix.sum(1, keepdims=True)
+        moved = weights.T @ x / weights.sum(0)[:, None]
+        return moved, jnp.sqrt(jnp.max(jnp.sum((moved - prototypes) ** 2, axis=1)) / scale), out.converged
+
+    prototypes = init
+    for iterations in range(1, max_iters + 1):
+        prototypes, shift, converged = iteration(prototypes)
+        assert bool(converged)
+        if shift <= tol:
+            break
+    return prototypes, iterations
+
+
+@pytest.fixture(scope="module")
+def ott_reference_problem():
+    """A 300-point, 8-D bank of four shifted modes; per K, k-means++ prototypes and the reference fit."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray((rng.normal(size=(300, 8)) + rng.integers(0, 4, size=(300, 1)) * 1.5).astype(np.float32))
+    fits = {}
+    for k in (5, 12):
+        init = kmeans_plus_plus(x, k, jax.random.key(k))
+        fits[k] = (init, *ott_reference_kmeans(x, init, 0.05, max_iters=40, tol=1e-3, threshold=1e-6))
+    return x, fits
+
+
+@pytest.mark.parametrize("k", [5, 12])
+@pytest.mark.parametrize("costs", [{}, {"dense_cost_bytes": 0, "chunk_size": 64}], ids=["dense", "online-blocks"])
+@pytest.mark.parametrize("newton_steps", [100, 0], ids=["newton", "sinkhorn-only"])
+def test_matches_ott_reference_iteration(ott_reference_problem, k, costs, newton_steps):
+    # Same initial prototypes, epsilon, tol and Sinkhorn threshold; the fast path's Newton warm
+    # starts, blocked passes and online costs must land on the reference's prototypes after the same
+    # number of iterations. Tolerance: both solve each transport problem to a marginal L1 error
+    # <= 1e-6, so the soft assignments agree to ~1e-6 relative, and float32 sums over 300 points
+    # round at ~1e-7 relative of the features' scale sqrt(total variance) (5.5 here); the deviation
+    # measured over these 8 cases is <= 1.5e-6 sqrt(total variance). 1e-5 x sqrt(total variance)
+    # leaves ~7x headroom, while a transport solved only to 1e-2 already lands 3e-4 away and an
+    # epsilon off by 2x more than 1e-2 away.
+    x, fits = ott_reference_problem
+    init, expected, iterations = fits[k]
+    options = SolverOptions(sinkhorn_threshold=1e-6, sinkhorn_max_iters=100_000, newton_steps=newton_steps, **costs)
+    prototypes, result = sinkhorn_kmeans(x, k, rng=jax.random.key(0), init=init, epsilon=0.05, max_iters=40,
+                                         tol=1e-3, options=options)
+    assert bool(result.converged) and bool(result.sinkhorn_converged)
+    assert int(result.iterations) == iterations
+    assert (int(result.newton_steps) > 0) == (newton_steps > 0)
+    scale = float(jnp.mean(jnp.sum((x - x.mean(0)) ** 2, axis=1)))
+    np.testing.assert_allclose(np.asarray(prototypes), np.asarray(expected), rtol=0, atol=1e-5 * np.sqrt(scale))
+
+
+@pytest.mark.parametrize("sweep_options", [{}, {"newton_max_k": 4}, {"group_pad_ratio": 1.0}],
+                         ids=["newton", "newton-for-k2-only", "no-shared-solves"])
+def test_sweep_equals_each_k_alone_online_and_blocked(sweep_options):
     # The sweep (one program, stored costs, one block) against each K alone on the online
     # PointCloud path in blocks of 128 rows: same prototypes, objective and own iteration count
-    # (runs stop at their own convergence). K = 8 and 9 share a padded transport solve, 2 has its own;
-    # with NEWTON_MAX_K = 4 that group solves with Sinkhorn alone while K = 2 uses Newton.
-    if newton_max_k is not None:  # read when tracing: no program compiled with the other value
-        monkeypatch.setattr(kmeans_module, "NEWTON_MAX_K", newton_max_k)
-        jax.clear_caches()
-        request.addfinalizer(jax.clear_caches)
+    # (runs stop at their own convergence). K = 8 and 9 share a padded transport solve, 2 has its own
+    # (with group_pad_ratio 1, each K its own); with newton_max_k = 4 that group solves with
+    # Sinkhorn alone while K = 2 uses Newton.
     x, _ = make_blobs(n_samples=400, centers=6, n_features=10, cluster_std=1.0, random_state=5)
     x = x.astype(np.float32)
     ks = [9, 2, 8]
-    options = dict(max_iters=30, tol=1e-3, sinkhorn_threshold=1e-5, sinkhorn_max_iters=5000)
-    sweep = sweep_k(x, ks, rng=jax.random.key(4), **options)
+    solve = {"sinkhorn_threshold": 1e-5, "sinkhorn_max_iters": 5000, "newton_max_k": 4096}
+    solve.update({name: value for name, value in sweep_options.items() if name == "newton_max_k"})
+    stopping = {"max_iters": 30, "tol": 1e-3}
+    sweep = sweep_k(x, ks, rng=jax.random.key(4), options=SolverOptions(**{**solve, **sweep_options}), **stopping)
+    alone = SolverOptions(**solve, dense_cost_bytes=0, chunk_size=128)
     for index, k in enumerate(ks):
-        prototypes, result = sinkhorn_kmeans(x, k, rng=jax.random.key(4), dense_cost_bytes=0, chunk_size=128,
-                                             **options)
+        prototypes, result = sinkhorn_kmeans(x, k, rng=jax.random.key(4), options=alone, **stopping)
         assert sweep.prototypes[index].shape == (k, 10)
         assert int(sweep.result.iterations[index]) == int(result.iterations)
         np.testing.assert_allclose(np.asarray(sweep.prototypes[index]), np.asarray(prototypes), atol=2e-3)
         np.testing.assert_allclose(float(sweep.objective[index]), float(result.objective), rtol=1e-4)
+        assert int(sweep.result.newton_steps[index] > 0) == int(result.newton_steps > 0)
     assert len(set(np.asarray(sweep.result.iterations).tolist())) > 1  # runs stopped at different iterations
     newton = np.asarray(sweep.result.newton_steps) > 0  # ks = 9, 2, 8
-    np.testing.assert_array_equal(newton, [True, True, True] if newton_max_k is None else [False, True, False])
+    np.testing.assert_array_equal(newton, [False, True, False] if "newton_max_k" in sweep_options else [True] * 3)
 
 
 def test_kmeans_plus_plus_prefix_property():
@@ -171,15 +236,15 @@ def d2_sequence_probabilities(points: np.ndarray, k: int) -> dict[tuple[int, ...
 
 
 @pytest.mark.parametrize("attempts", [32, 1], ids=["rejection", "exhausted-rejection-falls-back"])
-def test_kmeans_plus_plus_draws_exactly_d_squared(monkeypatch, attempts):
+def test_kmeans_plus_plus_draws_exactly_d_squared(attempts):
     # Center 3 is drawn by rejection against the distances last brought up to date at center 2
     # (module docstring); with one attempt most draws take the exact fallback. The empirical
     # distribution of whole center sequences over 40,000 seeds against direct enumeration: total
     # variation ~0.02 from sampling noise; proposals accepted without the D^2 / U test give 0.43.
-    monkeypatch.setattr(kmeans_module, "KMEANS_PP_ATTEMPTS", attempts)
+    options = SolverOptions(kmeans_pp_attempts=attempts)
     points = np.array([[0, 0], [1, 0], [0, 2], [3, 1], [1.5, 1.5]], np.float64)
     expected = d2_sequence_probabilities(points, 4)
-    draws = jax.jit(jax.vmap(lambda key: kmeans_plus_plus(jnp.asarray(points, jnp.float32), 4, key)))(
+    draws = jax.jit(jax.vmap(lambda key: kmeans_plus_plus(jnp.asarray(points, jnp.float32), 4, key, options=options)))(
         jax.random.split(jax.random.key(0), 40_000))
     indices = np.argmin(((np.asarray(draws)[:, :, None, :] - points[None, None]) ** 2).sum(-1), axis=2)
     sequences, counts = np.unique(indices, axis=0, return_counts=True)
@@ -212,3 +277,38 @@ def test_errors():
         sinkhorn_kmeans(x, 0, rng=jax.random.key(0))
     with pytest.raises(UserInputError, match="at least one cluster count"):
         sweep_k(x, [], rng=jax.random.key(0))
+
+
+def test_solver_options_are_validated_hashable_and_static():
+    with pytest.raises(UserInputError, match=r"SolverOptions.newton_steps = -1: expected an integer >= 0"):
+        SolverOptions(newton_steps=-1)
+    with pytest.raises(UserInputError, match=r"SolverOptions.chunk_size = 0: expected an integer >= 1 or None"):
+        SolverOptions(chunk_size=0)
+    with pytest.raises(UserInputError, match=r"SolverOptions.kmeans_pp_block = True: expected an integer"):
+        SolverOptions(kmeans_pp_block=True)
+    with pytest.raises(UserInputError, match=r"SolverOptions.sinkhorn_threshold = 0: expected a finite number > 0"):
+        SolverOptions(sinkhorn_threshold=0)
+    with pytest.raises(UserInputError, match=r"SolverOptions.group_pad_ratio = 0.5: expected a finite number >= 1"):
+        SolverOptions(group_pad_ratio=0.5)
+    with pytest.raises(UserInputError, match=r"SolverOptions.newton_max_move = nan"):
+        SolverOptions(newton_max_move=float("nan"))
+    with pytest.raises(UserInputError, match=r"SolverOptions.hessian_min_rows = 2.5: expected an integer"):
+        SolverOptions(hessian_min_rows=2.5)
+    # Numbers are normalized, so equal options are one static argument (one compiled program).
+    assert SolverOptions(group_pad_ratio=2, chunk_size=np.int64(64)) == SolverOptions(group_pad_ratio=2.0,
+                                                                                      chunk_size=64)
+    assert isinstance(SolverOptions(group_pad_ratio=2).group_pad_ratio, float)
+    assert hash(SolverOptions(chunk_size=64)) == hash(SolverOptions(chunk_size=64))
+    x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+    init = x[:3]
+    fit = lambda options, **stopping: sinkhorn_kmeans(x, 3, rng=jax.random.key(0), init=init, options=options,
+                                                      **stopping)
+    fit(SolverOptions(chunk_size=32))
+    compiled = kmeans_module._fit_jit._cache_size()
+    # epsilon, tol and max_iters are traced: no new program for them, nor for equal options.
+    fit(SolverOptions(chunk_size=32), epsilon=0.1, tol=1e-3, max_iters=7)
+    assert kmeans_module._fit_jit._cache_size() == compiled
+    fit(SolverOptions(chunk_size=16))
+    assert kmeans_module._fit_jit._cache_size() == compiled + 1
+    with pytest.raises(UserInputError, match="options: expected a SolverOptions, got dict"):
+        sinkhorn_kmeans(x, 3, rng=jax.random.key(0), options={"chunk_size": 32})

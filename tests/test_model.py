@@ -11,17 +11,17 @@ import torch
 from flax import nnx
 from scipy.special import erf
 
+from nexvitad_jax.configs import tiny
 from nexvitad_jax.models import normalize_images
+from nexvitad_jax.models.build import build_model
 from nexvitad_jax.models.decoder import SegmentationHead
 from nexvitad_jax.models.encoder import Adapter, interleave_features, resize_bilinear
 from nexvitad_jax.models.nexvitad import FROZEN, TRAINABLE, NexViTAD
-from nexvitad_jax.train.loop import build_model
-from experiments.configs import tiny
 
 
 def tiny_model(num_source=2, num_target=2, shared=False) -> NexViTAD:
     config = tiny.get_config()
-    config.shared_source_head = shared
+    config.model.shared_source_head = shared
     return build_model(config, num_source, num_target)  # the tiny Hiera/DINOv2, one compiled init
 
 
@@ -108,9 +108,12 @@ def test_stacked_heads_equal_each_head_alone(model):
 
 
 def test_heads_shapes_partition_and_decoder_inference(model):
-    images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 2, 64, 64, 3)), jnp.float32)
-    maps = nnx.jit(lambda m, x: m.segment_target(x))(model, images)
-    assert maps.shape == (2, 2, 64, 64) and bool(jnp.all((maps >= 0) & (maps <= 1)))
+    from nexvitad_jax.inference.decoder_baseline import decoder_maps
+
+    images = jnp.asarray(np.random.default_rng(5).uniform(size=(2, 64, 64, 3)), jnp.float32)
+    maps, scores = nnx.jit(lambda m, x: decoder_maps(m, x, head=1))(model, images)
+    assert maps.shape == (2, 64, 64) and bool(jnp.all((maps >= 0) & (maps <= 1)))
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(maps).max(axis=(1, 2)))
     trainable = nnx.state(model, TRAINABLE)
     frozen = nnx.state(model, FROZEN)
     paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(trainable)}

@@ -1,5 +1,5 @@
 """Losses (eqs. 5-9) against torch/numpy references, the augmentation's exact inverse, frozen
-backbones, the NaN stop and input errors."""
+backbones, the feature cache, checkpoints (the old index format too), the NaN stop and input errors."""
 
 from __future__ import annotations
 
@@ -12,13 +12,15 @@ import pytest
 import torch
 from flax import nnx
 
-from experiments.configs import tiny
 from nexvitad_jax.compilation import fast_compile_options
+from nexvitad_jax.configs import tiny
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.models.build import build_model
 from nexvitad_jax.models.nexvitad import FROZEN
-from nexvitad_jax.train import augment as aug
+from nexvitad_jax.train import TrainingDiverged, augment as aug, train
+from nexvitad_jax.train.checkpoints import Checkpoints
+from nexvitad_jax.train.loop import check_training_config
 from nexvitad_jax.train.losses import IGNORE, consistency_mse, cross_entropy, pseudo_labels, total_loss
-from nexvitad_jax.train.loop import TrainingDiverged, build_model, train
 from nexvitad_jax.train.step import TrainStep, batch_sharding, make_mesh, make_optimizer
 
 
@@ -143,13 +145,14 @@ def test_backbones_frozen_bitwise_and_outside_the_gradient():
     # it). Traced on abstract values: nothing is compiled or run.
     from jax._src.interpreters import partial_eval as pe
 
-    def backbone_features(trainable, batch_stats, frozen, images):
-        return nnx.merge(trainer.graphdef, trainable, batch_stats, frozen).encoder.backbone_features(images)
+    def step_features(trainable, batch_stats, frozen, key, phase):
+        model = nnx.merge(trainer.graphdef, trainable, batch_stats, frozen)
+        return trainer.step_features(model, batch, key, phase)
 
     n_trainable, n_frozen = len(jax.tree.leaves(state["trainable"])), len(jax.tree.leaves(trainer.frozen))
     for phase in (1, 2):
-        images, transforms = jax.eval_shape(lambda b, k: trainer._step_images(b, k, phase), batch, jax.random.key(0))
-        backbone = jax.eval_shape(backbone_features, state["trainable"], state["batch_stats"], trainer.frozen, images)
+        backbone, transforms = jax.eval_shape(lambda t, b, f, k: step_features(t, b, f, k, phase), state["trainable"],
+                                              state["batch_stats"], trainer.frozen, jax.random.key(0))
         closed = jax.make_jaxpr(lambda t, f, features, tr: jax.grad(lambda tt: trainer._losses(
             tt, state["batch_stats"], f, features, batch, tr, phase)[0])(t))(
             state["trainable"], trainer.frozen, backbone, transforms)
@@ -165,10 +168,10 @@ def test_build_model_puts_a_converted_backbone_in_place(tmp_path):
     from nexvitad_jax.models import build_backbone, save_backbone
 
     config = tiny.get_config()
-    hiera = initialize(lambda: build_backbone("hiera", config.hiera.to_dict(), rngs=nnx.Rngs(7)))
+    hiera = initialize(lambda: build_backbone("hiera", config.model.hiera.to_dict(), rngs=nnx.Rngs(7)))
     saved = nnx.state(hiera, nnx.Param).to_pure_dict()
     save_backbone(tmp_path / "hiera", "hiera", hiera.config, saved, variant="test", source="random")
-    config.hiera_checkpoint = str(tmp_path / "hiera")
+    config.model.hiera_checkpoint = str(tmp_path / "hiera")
     model = build_model(config, 2, 1)
     got = nnx.state(model.encoder.hiera, nnx.Param).to_pure_dict()
     for x, y in zip(jax.tree.leaves(saved), jax.tree.leaves(got), strict=True):
@@ -180,13 +183,14 @@ def test_build_model_puts_a_converted_backbone_in_place(tmp_path):
 
 
 def test_paper_config_describes_the_paper_model():
-    """experiments/configs/paper.py (random weights, shapes only): Hiera-Huge + DINOv2-S at 224 and
+    """nexvitad_jax/configs/paper.py (random weights, shapes only): Hiera-Huge + DINOv2-S at 224 and
     the pseudo-label head on interleaved F_3, 2 d_3 = 2048 channels (the paper's number)."""
-    from experiments.configs import paper
+    from nexvitad_jax.configs import paper
 
     config = paper.get_config()
-    config.hiera_checkpoint = config.dinov2_checkpoint = ""
-    assert (config.image_size, config.epochs, config.few_shot, config.feature_cache) == (224, 50, 10, False)
+    config.model.hiera_checkpoint = config.model.dinov2_checkpoint = ""
+    assert (config.data.image_size, config.train.epochs, config.data.few_shot, config.train.feature_cache) == (
+        224, 50, 10, False)
     model = nnx.eval_shape(lambda: build_model(config, 11, 1))
     assert model.encoder.stage_dims == (256, 512, 1024, 2048)
     assert model.pseudo_label_heads.heads.convs[0].kernel.shape == (1, 1, 1, 2048, 64)
@@ -196,10 +200,10 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     from nexvitad_jax.data import open_dataset
 
     config = tiny.get_config()
-    config.learning_rate = 1e38  # Adam steps of ~1e38 overflow the next forward pass
-    config.warmup_steps = 0
-    config.epochs, config.phase1_epochs, config.steps_per_epoch = 1, 1, 3  # phase 1 only: one compile
-    config.fast_compile = True
+    config.train.learning_rate = 1e38  # Adam steps of ~1e38 overflow the next forward pass
+    config.train.warmup_steps = 0
+    config.train.epochs, config.train.phase1_epochs, config.train.steps_per_epoch = 1, 1, 3  # phase 1 only: one compile
+    config.train.fast_compile = True
     dataset = open_dataset("synthetic", image_size=64)
     with pytest.raises(TrainingDiverged, match=r"loss is (nan|inf|-inf) at step (\d+).*last good checkpoint is step"):
         train(config, dataset, ["bottle", "cable"], ["hazelnut"], tmp_path, progress=False)
@@ -207,6 +211,64 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path):
     assert records and all(np.isfinite(r["loss"]) for r in records)
     kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert kept and kept[-1] == records[-1]["step"]
+
+
+def _state_like_a_train_state(scale: float = 1.0):
+    """nnx States (attribute keys), a list longer than ten (its path names sort apart from its
+    indices), a tuple and scalars of several dtypes, as a train state holds them."""
+    rng = np.random.default_rng(0)
+    linear = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    return {"trainable": nnx.state(linear, nnx.Param), "batch_stats": nnx.state(nnx.BatchNorm(3, rngs=nnx.Rngs(0))),
+            "heads": [jnp.asarray(scale * rng.normal(size=(i + 1,)), jnp.float32) for i in range(12)],
+            "opt_state": (jnp.asarray(scale * rng.normal(size=(3, 2)), jnp.float32), jnp.zeros((), jnp.int32)),
+            "step": jnp.asarray(7, jnp.int32), "rng": jnp.asarray([1, 2], jnp.uint32)}
+
+
+def _assert_trees_equal(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoints_keyed_by_tree_path_and_the_old_index_format_loads(tmp_path):
+    import orbax.checkpoint as ocp
+
+    state = _state_like_a_train_state()
+    labels = jnp.asarray(np.random.default_rng(1).integers(-1, 2, (1, 2, 4, 4)), jnp.int32)
+    state_like, labels_like = _state_like_a_train_state(scale=0.0), jnp.zeros_like(labels)
+    checkpoints = Checkpoints(tmp_path / "new", every_steps=1)
+    checkpoints.save(3, state, labels, {"step": 3})
+    checkpoints.wait()
+    saved = checkpoints.manager.item_metadata(3)["state"].tree
+    assert set(saved) == {"trainable", "batch_stats", "heads", "opt_state", "step", "rng"}
+    assert saved["trainable"]["kernel"]["value"].shape == (2, 3) and set(saved["heads"]) == {str(i) for i in range(12)}
+    restored, restored_labels, metadata = checkpoints.restore(3, state_like, labels_like)
+    _assert_trees_equal(restored, state)
+    _assert_trees_equal(restored_labels, labels)
+    assert metadata == {"step": 3}
+    checkpoints.close()
+
+    # A checkpoint as the earlier version wrote it: the leaves keyed by their index.
+    old = ocp.CheckpointManager(tmp_path / "old", options=ocp.CheckpointManagerOptions(create=True))
+    old.save(3, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({f"{index:05d}": leaf for index, leaf in enumerate(jax.tree.leaves(state))}),
+        pseudo_labels=ocp.args.StandardSave({"labels": labels}), metadata=ocp.args.JsonSave({"step": 3})))
+    old.wait_until_finished()
+    old.close()
+    checkpoints = Checkpoints(tmp_path / "old", every_steps=1)
+    restored, restored_labels, _ = checkpoints.restore(3, state_like, labels_like)
+    _assert_trees_equal(restored, state)
+    _assert_trees_equal(restored_labels, labels)
+    # One of another train state (here: one leaf fewer) cannot be restored by index: a clear error.
+    fewer = {**state_like, "rng": None}
+    with pytest.raises(UserInputError, match=r"does not fit this run's train state.*Re-create it by training again"):
+        checkpoints.restore(3, fewer, labels_like)
+    checkpoints.close()
+    checkpoints = Checkpoints(tmp_path / "new", every_steps=1)
+    with pytest.raises(UserInputError, match=r"does not fit.*opt_state/0"):
+        checkpoints.restore(3, {**state_like, "opt_state": (jnp.zeros((3, 3)), jnp.zeros((), jnp.int32))}, labels_like)
+    checkpoints.close()
 
 
 def test_feature_cache_trains_as_without_it(tmp_path, monkeypatch):
@@ -218,10 +280,10 @@ def test_feature_cache_trains_as_without_it(tmp_path, monkeypatch):
     from nexvitad_jax.models.nexvitad import TRAINABLE
 
     config = tiny.get_config()
-    config.epochs, config.phase1_epochs, config.steps_per_epoch = 2, 1, 2
-    config.learning_rate = 0.1  # confident pseudo-label heads after phase 1: phase 2 has labelled pixels
-    config.fast_compile = True
-    assert config.augmentation["probability"] == 0.5
+    config.train.epochs, config.train.phase1_epochs, config.train.steps_per_epoch = 2, 1, 2
+    config.train.learning_rate = 0.1  # confident pseudo-label heads after phase 1: phase 2 has labelled pixels
+    config.train.fast_compile = True
+    assert config.train.augmentation.probability == 0.5
     dataset = open_dataset("synthetic", image_size=64)
     step_calls = []
     original_call = TrainStep.__call__
@@ -229,7 +291,7 @@ def test_feature_cache_trains_as_without_it(tmp_path, monkeypatch):
         step_calls.append((self, batch, phase)), original_call(self, state, batch, phase))[1])
     runs = {}
     for cached in (False, True):
-        config.feature_cache = cached
+        config.train.feature_cache = cached
         step_calls.clear()
         result = train(config, dataset, ["bottle", "cable"], ["hazelnut"], tmp_path / str(cached), progress=False)
         records = [json.loads(line) for line in (tmp_path / str(cached) / "metrics.jsonl").read_text().splitlines()]
@@ -241,14 +303,14 @@ def test_feature_cache_trains_as_without_it(tmp_path, monkeypatch):
         for name in ("loss", "source_ce", "pseudo_label_ce", "target_ce", "target_mse", "labelled_fraction"):
             if name in record:
                 np.testing.assert_allclose(cached_record[name], record[name], rtol=1e-5, atol=1e-6, err_msg=name)
-    # The gradients of a step agree to ~1e-7 (relative norm); Adam, which steps +-lr wherever a
-    # gradient is tiny, amplifies that at lr 0.1 to <= 5e-5 per variable over 4 steps (measured).
+    # The gradients of a step agree up to float rounding; Adam, which steps +-lr wherever a gradient
+    # is tiny, amplifies that at lr 0.1 over 4 steps, hence a bound well above float rounding.
     worst = max(float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12))
                 for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(cached_params), strict=True))
     assert worst <= 1e-4, worst
     # The batches: cached features are the backbones' outputs of the images the uncached run used.
     for (_, batch, phase), (trainer, cached_batch, cached_phase) in zip(calls, cached_calls, strict=True):
-        assert phase == cached_phase and "source_images" not in cached_batch
+        assert phase == cached_phase and "source_images" not in cached_batch and trainer.feature_cache
         pairs = [(batch["source_images"], cached_batch["source_features"])]
         if phase == 2:
             np.testing.assert_array_equal(np.asarray(cached_batch["target_images"]), np.asarray(batch["target_images"]))
@@ -266,6 +328,12 @@ def test_training_input_errors(tmp_path):
     with pytest.raises(UserInputError, match="source and target"):
         train(tiny.get_config(), dataset, [], ["hazelnut"], tmp_path)
     config = tiny.get_config()
-    config.phase1_epochs = 5
-    with pytest.raises(UserInputError, match="phase1_epochs"):
+    config.train.phase1_epochs = 5
+    expected = r"config\.train\.phase1_epochs = 5 must be in \[0, config\.train\.epochs = 2\]"
+    with pytest.raises(UserInputError, match=expected):
         train(config, dataset, ["bottle"], ["hazelnut"], tmp_path)
+    config = tiny.get_config()
+    config.train.target_per_class = 3
+    with pytest.raises(UserInputError, match=r"config\.train\.target_per_class = 3 must be divisible by the 2 devices"):
+        check_training_config(config, ["bottle"], ["hazelnut"], devices=2)
+    check_training_config(tiny.get_config(), ["bottle"], ["hazelnut"], devices=2)

@@ -3,8 +3,8 @@
 Run as a script, this file is the worker those tests start: `python tests/test_train_distributed.py
 {shard,train} ...`.
 
-Compilation is most of what these runs cost (a train step runs in ~0.1 s, its program compiles in
-~10-20 s), so the runs use `config.fast_compile` (XLA optimization level 0, ~4x faster compilation)
+Compilation is most of what these runs cost (far more than the steps of the tiny config), so the
+runs use `config.train.fast_compile` (XLA optimization level 0: faster compilation, slower steps)
 and each test compiles as few programs as its property needs. No persistent compilation cache."""
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def _env(devices: int = 1, extra: dict | None = None) -> dict:
 # workers
 
 def _config():
-    from experiments.configs import tiny
+    from nexvitad_jax.configs import tiny
 
     config = tiny.get_config()
-    config.epochs, config.steps_per_epoch, config.phase1_epochs = 3, 2, 1
-    config.fast_compile = True
-    config.feature_cache = os.environ.get("NEXVITAD_FEATURE_CACHE") == "1"
+    config.train.epochs, config.train.steps_per_epoch, config.train.phase1_epochs = 3, 2, 1
+    config.train.fast_compile = True
+    config.train.feature_cache = os.environ.get("NEXVITAD_FEATURE_CACHE") == "1"
     return config
 
 
@@ -88,8 +88,8 @@ def worker_shard(out: str, phases: str = "2", fast_compile: str = "1") -> None:
     from flax import nnx
 
     from nexvitad_jax.compilation import fast_compile_options
-    from nexvitad_jax.train.loop import build_model
-    from nexvitad_jax.train.step import TrainStep, make_mesh, make_optimizer, batch_sharding
+    from nexvitad_jax.models.build import build_model
+    from nexvitad_jax.train.step import TrainStep, batch_sharding, make_mesh, make_optimizer
 
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)

@@ -15,10 +15,13 @@ from nexvitad_jax.data.mvtec import MVTEC_CLASSES, CategoryArrays, MVTecDataset,
 from nexvitad_jax.data.splits import (
     PAPER_CLASSES,
     PAPER_SPLITS,
+    few_shot_images,
     few_shot_indices,
     fixed_split,
     make_split,
     parse_split,
+    protocol_classes,
+    resolve_split,
 )
 from nexvitad_jax.data.synthetic import SYNTHETIC_CLASSES, SyntheticDataset
 from nexvitad_jax.errors import UserInputError
@@ -26,7 +29,8 @@ from nexvitad_jax.errors import UserInputError
 __all__ = [
     "CategoryArrays", "Dataset", "MVTEC_CLASSES", "MVTecDataset", "PAPER_CLASSES",
     "PAPER_SPLITS", "SYNTHETIC_CLASSES", "SyntheticDataset", "default_cache_dir",
-    "few_shot_indices", "fixed_split", "make_split", "open_dataset", "parse_split",
+    "few_shot_images", "few_shot_indices", "fixed_split", "make_split", "open_dataset", "parse_split",
+    "protocol_classes", "resolve_split",
 ]  # fmt: skip
 
 

@@ -80,3 +80,42 @@ def few_shot_indices(paths: Sequence[str], m: int, seed: int) -> np.ndarray:
         raise UserInputError(f"few-shot seed={seed!r}: expected a non-negative integer")
     order = np.argsort(np.asarray(paths, dtype=str), kind="stable")
     return order[(seed * int(m) + np.arange(int(m))) % n]
+
+
+def protocol_classes(held: Sequence[str]) -> list[str]:
+    """The classes a split draws from: the paper's 12 when the dataset holds them all (full MVTec
+    AD), else every class it holds."""
+    held = sorted(held)
+    return list(PAPER_CLASSES) if set(PAPER_CLASSES) <= set(held) else held
+
+
+def resolve_split(classes: Sequence[str], split: str | None, target: str | Sequence[str] | None,
+                  seed: int) -> tuple[list[str], list[str]]:
+    """(source, target) classes of a run: `target` fixes the targets (`--target a,b`), else the
+    split (default all-but-one / 1) draws them by seed. A split using fewer classes than available
+    (e.g. 1/1 on a larger set) first draws its classes."""
+    if target:
+        names = [t.strip() for t in target.split(",")] if isinstance(target, str) else list(target)
+        source, chosen = fixed_split(classes, [n for n in names if n])
+        if split is not None:
+            n_source, n_target = parse_split(split)
+            if n_target != len(chosen) or n_source > len(source):
+                raise UserInputError(f"--split {split} does not fit --target {','.join(chosen)} with "
+                                     f"{len(source)} other classes available")
+            source = sorted(np.random.default_rng(seed).permutation(source)[:n_source].tolist())
+        return source, chosen
+    n_source, n_target = parse_split(split) if split is not None else (len(classes) - 1, 1)
+    if n_source + n_target > len(classes):
+        raise UserInputError(f"split {n_source}/{n_target} needs {n_source + n_target} classes; the dataset "
+                             f"holds {len(classes)}: {list(classes)}")
+    pool = sorted(classes)
+    if n_source + n_target < len(pool):
+        pool = sorted(np.random.default_rng([seed, 1]).permutation(pool)[:n_source + n_target].tolist())
+    return make_split(pool, n_target, seed)
+
+
+def few_shot_images(dataset, category: str, m: int, seed: int) -> np.ndarray:
+    """The M few-shot normal images of a class (uint8, (M, H, W, 3)): its train/good images at
+    `few_shot_indices`, for target adaptation and the memory bank alike."""
+    train = dataset.load(category, "train")
+    return train.images[few_shot_indices(train.paths, m, seed)]

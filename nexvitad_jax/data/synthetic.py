@@ -169,98 +169,126 @@ def _texture(name: str, rng, size: int, x, y) -> np.ndarray:
     raise AssertionError(name)
 
 
+def _bottle(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """Top view: rim, glass, dark mouth."""
+    background = dark
+    r = np.hypot(x - cx, y - cy) / scale
+    glass = 0.25 + 0.2 * np.cos(np.arctan2(y - cy, x - cx) - rng.uniform(0, 6.3)) * r
+    body = _coverage(r - 0.8, size)
+    image = _paint(background, body, _colour([0.35, 0.3, 0.2], rng))
+    image = _paint(image, _coverage(r - 0.68, size), (glass[..., None] + 0.1) * [1, 0.95, 0.8])
+    image = _paint(image, _coverage(r - 0.3, size), _colour([0.05, 0.05, 0.04], rng, 0.01))
+    return image, background, body
+
+
+def _cable(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """Cross-section: sheath and three coloured cores, any rotation."""
+    background = 0.55 + 0.1 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
+    r = np.hypot(x - cx, y - cy) / scale
+    body = _coverage(r - 0.85, size)
+    image = _paint(background, body, _colour([0.25, 0.25, 0.25], rng))
+    angle = rng.uniform(0, 2 * np.pi)
+    colours = ([0.2, 0.6, 0.2], [0.2, 0.3, 0.75], [0.55, 0.35, 0.15])
+    for k, colour in enumerate(colours):  # three cores: a fixed, tiny loop over parts
+        a = angle + k * 2 * np.pi / 3
+        px, py = cx + 0.4 * scale * np.cos(a), cy + 0.4 * scale * np.sin(a)
+        core = _coverage(np.hypot(x - px, y - py) / scale - 0.3, size)
+        shading = 0.85 + 0.3 * _noise(rng, size, 5)[..., None]
+        image = _paint(image, core, _colour(colour, rng, 0.03) * shading)
+    return image, background, body
+
+
+def _capsule(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """Stadium, two colours, small rotation."""
+    background = 0.85 + 0.05 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
+    u, v = _rotate(x, y, cx, cy, rng.uniform(-0.12, 0.12))
+    half = 0.62 * scale
+    d = np.hypot(np.maximum(np.abs(u) - half, 0), v) - 0.26 * scale
+    body = _coverage(d, size)
+    colour = np.where((u < 0)[..., None], _colour([0.12, 0.12, 0.12], rng, 0.02),
+                      _colour([0.9, 0.55, 0.2], rng, 0.03))
+    colour = colour * (1.05 - 0.35 * (v / 0.3) ** 2)[..., None]
+    return _paint(background, body, colour), background, body
+
+
+def _hazelnut(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """Brown oval with streaks, any rotation."""
+    background = dark
+    u, v = _rotate(x, y, cx, cy, rng.uniform(0, 2 * np.pi))
+    d = np.hypot(u / (0.56 * scale), v / (0.66 * scale) * (1 + 0.25 * v)) - 1
+    body = _coverage(d * 0.6, size)
+    streaks = np.sin(40 * u + 6 * _fractal(rng, size, 8))
+    shade = 0.75 + 0.1 * streaks - 0.3 * np.clip(d + 1, 0, 1) ** 2
+    colour = shade[..., None] * _colour([0.6, 0.38, 0.2], rng)
+    return _paint(background, body, colour), background, body
+
+
+def _metal_nut(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """Disk with a hole and four tabs, any rotation."""
+    background = 0.05 + 0.03 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
+    u, v = _rotate(x, y, cx, cy, rng.uniform(0, 2 * np.pi))
+    r, theta = np.hypot(u, v) / scale, np.arctan2(v, u)
+    outer = 0.62 + 0.14 * np.clip(np.cos(4 * theta) * 3 - 2, 0, 1)
+    body = _coverage(np.maximum(r - outer, 0.3 - r), size)
+    shade = 0.55 + 0.25 * np.cos(theta - rng.uniform(0, 6.3)) + 0.1 * _noise(rng, size, 24)
+    return _paint(background, body, shade[..., None] * [0.8, 0.82, 0.85]), background, body
+
+
+def _pill(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """White ellipse with red speckles."""
+    background = 0.3 + 0.05 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
+    u, v = _rotate(x, y, cx, cy, rng.uniform(-0.08, 0.08))
+    d = np.hypot(u / (0.8 * scale), v / (0.42 * scale)) - 1
+    body = _coverage(d * 0.5, size)
+    speckle = (_noise(rng, size, size // 4) > 0.8)[..., None]
+    colour = np.where(speckle, _colour([0.75, 0.3, 0.25], rng), _colour([0.92, 0.9, 0.85], rng))
+    colour = colour * (1 - 0.25 * np.clip(d + 1, 0, 1)[..., None] ** 3)
+    return _paint(background, body, colour), background, body
+
+
+def _toothbrush(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """Head with a grid of bristle tufts, vertical."""
+    background = 0.15 + 0.05 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
+    u, v = _rotate(x, y, cx, cy, rng.uniform(-0.06, 0.06))
+    head = np.maximum(np.abs(u) - 0.3 * scale, np.abs(v) - 0.8 * scale)
+    body = _coverage(head, size)
+    image = _paint(background, body, _colour([0.2, 0.35, 0.8], rng))
+    fu, fv = u / (0.15 * scale), v / (0.15 * scale)
+    tuft = np.hypot(fu - np.round(fu), fv - np.round(fv)) * 0.15 - 0.055
+    bristles = _coverage(np.maximum(tuft, head + 0.03), size)
+    tone = 0.8 + 0.15 * _noise(rng, size, 40)[..., None]
+    image = _paint(image, bristles, tone * _colour([0.95, 0.95, 0.95], rng, 0.02))
+    return image, background, body
+
+
+def _transistor(rng, size: int, x, y, cx: float, cy: float, scale: float, dark) -> tuple:
+    """Black body with three leads on a board."""
+    background = _colour([0.55, 0.6, 0.45], rng) * (
+        0.85 + 0.2 * _fractal(rng, size, 12)[..., None]
+    )
+    u, v = _rotate(x, y, cx, cy, rng.uniform(-0.07, 0.07))
+    case = np.maximum(np.abs(u) - 0.42 * scale, np.abs(v + 0.2) - 0.3 * scale)
+    lead_u = np.min(np.stack([np.abs(u - k * 0.3 * scale) for k in (-1, 0, 1)]), axis=0)
+    leads = np.maximum(lead_u - 0.04 * scale, np.abs(v - 0.38) - 0.3)
+    image = _paint(background, _coverage(leads, size), _colour([0.75, 0.75, 0.72], rng))
+    shade = 0.12 + 0.05 * _noise(rng, size, 10)
+    image = _paint(image, _coverage(case, size), shade[..., None] * np.ones(3))
+    body = np.maximum(_coverage(case, size), _coverage(leads, size))
+    return image, background, body
+
+
+_OBJECTS = {"bottle": _bottle, "cable": _cable, "capsule": _capsule, "hazelnut": _hazelnut, "metal_nut": _metal_nut,
+            "pill": _pill, "toothbrush": _toothbrush, "transistor": _transistor}
+
+
 def _object(name: str, rng, size: int, x, y) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """-> (image, background, object coverage)."""
+    """-> (image, background, object coverage). The placement and the dark backdrop are drawn for
+    every class (the random stream stays the same whichever class is drawn)."""
     shift = rng.uniform(-0.06, 0.06, 2)
     cx, cy = float(shift[0]), float(shift[1])
     scale = rng.uniform(0.94, 1.06)
     dark = 0.08 + 0.04 * _fractal(rng, size, 16)[..., None] * np.ones(3, np.float32)
-
-    if name == "bottle":  # top view: rim, glass, dark mouth
-        background = dark
-        r = np.hypot(x - cx, y - cy) / scale
-        glass = 0.25 + 0.2 * np.cos(np.arctan2(y - cy, x - cx) - rng.uniform(0, 6.3)) * r
-        body = _coverage(r - 0.8, size)
-        image = _paint(background, body, _colour([0.35, 0.3, 0.2], rng))
-        image = _paint(image, _coverage(r - 0.68, size), (glass[..., None] + 0.1) * [1, 0.95, 0.8])
-        image = _paint(image, _coverage(r - 0.3, size), _colour([0.05, 0.05, 0.04], rng, 0.01))
-        return image, background, body
-    if name == "cable":  # cross-section: sheath and three coloured cores, any rotation
-        background = 0.55 + 0.1 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
-        r = np.hypot(x - cx, y - cy) / scale
-        body = _coverage(r - 0.85, size)
-        image = _paint(background, body, _colour([0.25, 0.25, 0.25], rng))
-        angle = rng.uniform(0, 2 * np.pi)
-        colours = ([0.2, 0.6, 0.2], [0.2, 0.3, 0.75], [0.55, 0.35, 0.15])
-        for k, colour in enumerate(colours):  # three cores: a fixed, tiny loop over parts
-            a = angle + k * 2 * np.pi / 3
-            px, py = cx + 0.4 * scale * np.cos(a), cy + 0.4 * scale * np.sin(a)
-            core = _coverage(np.hypot(x - px, y - py) / scale - 0.3, size)
-            shading = 0.85 + 0.3 * _noise(rng, size, 5)[..., None]
-            image = _paint(image, core, _colour(colour, rng, 0.03) * shading)
-        return image, background, body
-    if name == "capsule":  # stadium, two colours, small rotation
-        background = 0.85 + 0.05 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
-        u, v = _rotate(x, y, cx, cy, rng.uniform(-0.12, 0.12))
-        half = 0.62 * scale
-        d = np.hypot(np.maximum(np.abs(u) - half, 0), v) - 0.26 * scale
-        body = _coverage(d, size)
-        colour = np.where((u < 0)[..., None], _colour([0.12, 0.12, 0.12], rng, 0.02),
-                          _colour([0.9, 0.55, 0.2], rng, 0.03))
-        colour = colour * (1.05 - 0.35 * (v / 0.3) ** 2)[..., None]
-        return _paint(background, body, colour), background, body
-    if name == "hazelnut":  # brown oval with streaks, any rotation
-        background = dark
-        u, v = _rotate(x, y, cx, cy, rng.uniform(0, 2 * np.pi))
-        d = np.hypot(u / (0.56 * scale), v / (0.66 * scale) * (1 + 0.25 * v)) - 1
-        body = _coverage(d * 0.6, size)
-        streaks = np.sin(40 * u + 6 * _fractal(rng, size, 8))
-        shade = 0.75 + 0.1 * streaks - 0.3 * np.clip(d + 1, 0, 1) ** 2
-        colour = shade[..., None] * _colour([0.6, 0.38, 0.2], rng)
-        return _paint(background, body, colour), background, body
-    if name == "metal_nut":  # disk with a hole and four tabs, any rotation
-        background = 0.05 + 0.03 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
-        u, v = _rotate(x, y, cx, cy, rng.uniform(0, 2 * np.pi))
-        r, theta = np.hypot(u, v) / scale, np.arctan2(v, u)
-        outer = 0.62 + 0.14 * np.clip(np.cos(4 * theta) * 3 - 2, 0, 1)
-        body = _coverage(np.maximum(r - outer, 0.3 - r), size)
-        shade = 0.55 + 0.25 * np.cos(theta - rng.uniform(0, 6.3)) + 0.1 * _noise(rng, size, 24)
-        return _paint(background, body, shade[..., None] * [0.8, 0.82, 0.85]), background, body
-    if name == "pill":  # white ellipse with red speckles
-        background = 0.3 + 0.05 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
-        u, v = _rotate(x, y, cx, cy, rng.uniform(-0.08, 0.08))
-        d = np.hypot(u / (0.8 * scale), v / (0.42 * scale)) - 1
-        body = _coverage(d * 0.5, size)
-        speckle = (_noise(rng, size, size // 4) > 0.8)[..., None]
-        colour = np.where(speckle, _colour([0.75, 0.3, 0.25], rng), _colour([0.92, 0.9, 0.85], rng))
-        colour = colour * (1 - 0.25 * np.clip(d + 1, 0, 1)[..., None] ** 3)
-        return _paint(background, body, colour), background, body
-    if name == "toothbrush":  # head with a grid of bristle tufts, vertical
-        background = 0.15 + 0.05 * _fractal(rng, size, 8)[..., None] * np.ones(3, np.float32)
-        u, v = _rotate(x, y, cx, cy, rng.uniform(-0.06, 0.06))
-        head = np.maximum(np.abs(u) - 0.3 * scale, np.abs(v) - 0.8 * scale)
-        body = _coverage(head, size)
-        image = _paint(background, body, _colour([0.2, 0.35, 0.8], rng))
-        fu, fv = u / (0.15 * scale), v / (0.15 * scale)
-        tuft = np.hypot(fu - np.round(fu), fv - np.round(fv)) * 0.15 - 0.055
-        bristles = _coverage(np.maximum(tuft, head + 0.03), size)
-        tone = 0.8 + 0.15 * _noise(rng, size, 40)[..., None]
-        image = _paint(image, bristles, tone * _colour([0.95, 0.95, 0.95], rng, 0.02))
-        return image, background, body
-    if name == "transistor":  # black body with three leads on a board
-        background = _colour([0.55, 0.6, 0.45], rng) * (
-            0.85 + 0.2 * _fractal(rng, size, 12)[..., None]
-        )
-        u, v = _rotate(x, y, cx, cy, rng.uniform(-0.07, 0.07))
-        case = np.maximum(np.abs(u) - 0.42 * scale, np.abs(v + 0.2) - 0.3 * scale)
-        lead_u = np.min(np.stack([np.abs(u - k * 0.3 * scale) for k in (-1, 0, 1)]), axis=0)
-        leads = np.maximum(lead_u - 0.04 * scale, np.abs(v - 0.38) - 0.3)
-        image = _paint(background, _coverage(leads, size), _colour([0.75, 0.75, 0.72], rng))
-        shade = 0.12 + 0.05 * _noise(rng, size, 10)
-        image = _paint(image, _coverage(case, size), shade[..., None] * np.ones(3))
-        body = np.maximum(_coverage(case, size), _coverage(leads, size))
-        return image, background, body
-    raise AssertionError(name)
+    return _OBJECTS[name](rng, size, x, y, cx, cy, scale, dark)
 
 
 def _normal(name: str, rng, size: int) -> _Scene:

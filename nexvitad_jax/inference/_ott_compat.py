@@ -10,21 +10,19 @@ from __future__ import annotations
 import jax.interpreters.batching as _public_batching
 
 
-def _restore_is_vmappable() -> bool:
-    """Put `is_vmappable` back on the public module if it is missing; True when it was patched."""
-    if hasattr(_public_batching, "is_vmappable"):
-        return False
-    from jax._src.interpreters import batching as _private_batching
+def _restore_is_vmappable() -> None:
+    """Put `is_vmappable` back on the public module if it is missing."""
+    if not hasattr(_public_batching, "is_vmappable"):
+        from jax._src.interpreters import batching as _private_batching
 
-    _public_batching.is_vmappable = _private_batching.is_vmappable
-    return True
+        _public_batching.is_vmappable = _private_batching.is_vmappable
 
 
-PATCHED = _restore_is_vmappable()
+_restore_is_vmappable()
 
 from ott.geometry import geometry, pointcloud  # noqa: E402  (must follow the shim)
 from ott.problems.linear import linear_problem  # noqa: E402
 from ott.solvers.linear import sinkhorn  # noqa: E402
 from ott.tools import k_means as ott_k_means  # noqa: E402
 
-__all__ = ["PATCHED", "geometry", "pointcloud", "linear_problem", "sinkhorn", "ott_k_means"]
+__all__ = ["geometry", "pointcloud", "linear_problem", "sinkhorn", "ott_k_means"]

@@ -93,8 +93,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from nexvitad_jax.inference.detector import AnomalyDetector, BackboneFeatureExtractor
-    from nexvitad_jax.inference.memory_bank import select_normal_images
+    from nexvitad_jax.data import few_shot_indices
+    from nexvitad_jax.inference import AnomalyDetector, BackboneFeatureExtractor
 
     try:
         layers = tuple(int(layer) for layer in args.layers.split(","))
@@ -102,7 +102,10 @@ def main(argv: list[str]) -> int:
         raise UserInputError(f"--layers {args.layers!r}: expected comma-separated stage indices, e.g. 0,1,2,3")
     if args.k < 1:
         raise UserInputError(f"--k {args.k}: expected a positive number of prototypes")
-    normal_files = select_normal_images(list_images(args.normal, "--normal"), args.shots, args.seed)
+    if args.shots < 1:
+        raise UserInputError(f"--shots {args.shots}: expected at least one normal image")
+    candidates = list_images(args.normal, "--normal")
+    normal_files = [candidates[i] for i in few_shot_indices([str(path) for path in candidates], args.shots, args.seed)]
     image_files = list_images(args.images, "--images")
     check_readable(image_files)
     normal = np.stack([read_image(path, args.image_size) for path in normal_files])

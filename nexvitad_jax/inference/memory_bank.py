@@ -1,5 +1,10 @@
 """The memory bank (the paper's section 3.2): per layer, Sinkhorn K-means prototypes of the patch
-features of the M few-shot normal images of a target class."""
+features of the M few-shot normal images of a target class.
+
+`fit_memory_banks` fits several K at once (one `sweep_k` program per layer, whose run for K equals
+`sinkhorn_kmeans` with that K); `build_memory_bank` is its one-K case. Layer n draws from
+`fold_in(rng, n)`, so a bank of K from a sweep is the bank of K alone.
+"""
 
 from __future__ import annotations
 
@@ -9,42 +14,55 @@ import jax
 import jax.numpy as jnp
 
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.inference.sinkhorn_kmeans import KMeansResult, sinkhorn_kmeans
-
-
-def select_normal_images(files: Sequence, shots: int = 10, seed: int = 0) -> list:
-    """The M normal images of seed s: sorted(files)[s*M:(s+1)*M], wrapping around the list."""
-    files = sorted(files)
-    if not files:
-        raise UserInputError("no normal images to choose the memory bank from")
-    if shots < 1:
-        raise UserInputError(f"shots = {shots}: expected at least one normal image")
-    return [files[(seed * shots + i) % len(files)] for i in range(shots)]
+from nexvitad_jax.inference.sinkhorn_kmeans import KMeansResult, sweep_k
 
 
 class MemoryBank(NamedTuple):
-    """Per layer: prototypes (K, D_n) and the K-means convergence info."""
+    """Per layer: prototypes (K_n, D_n) and the K-means convergence info."""
 
     prototypes: list[jax.Array]
     results: list[KMeansResult]
 
+    def unconverged_layers(self) -> list[int]:
+        return [layer for layer, result in enumerate(self.results) if not bool(result.converged)]
+
+
+def layer_patches(layer: int, features: jax.Array) -> jax.Array:
+    """(M, h, w, D) features of the normal images -> the (M h w, D) float32 bank of a layer."""
+    if features.ndim != 4:
+        raise UserInputError(f"layer {layer}: expected (M, h, w, D) features, got {tuple(features.shape)}")
+    return features.reshape(-1, features.shape[-1]).astype(jnp.float32)
+
+
+def _layer_ks(layer: int, features: jax.Array, ks: Sequence[int], cap_to_bank: bool) -> list[int]:
+    """The K each requested K becomes on this layer: capped at the bank's patch count when
+    `cap_to_bank` (every patch a prototype), else a clear error."""
+    m, h, w, _ = features.shape
+    patches = m * h * w
+    if not cap_to_bank and max(ks) > patches:
+        raise UserInputError(f"layer {layer}: {m} normal images x {h}x{w} patches = {patches} patches, fewer "
+                             f"than K = {max(ks)} prototypes; use a smaller --k or more images")
+    return [min(int(k), patches) for k in ks]
+
+
+def fit_memory_banks(features: Sequence[jax.Array], ks: Sequence[int], *, rng: jax.Array,
+                     cap_to_bank: bool = False, **kmeans_options) -> dict[int, MemoryBank]:
+    """features: per layer (M, h_n, w_n, D_n) of the normal images -> {K: MemoryBank} for every K
+    in `ks`, one `sweep_k` per layer over the distinct (capped) Ks. `kmeans_options`: epsilon,
+    max_iters, tol, options of `sweep_k`."""
+    banks = {int(k): MemoryBank([], []) for k in ks}
+    for layer, layer_features in enumerate(features):
+        patches = layer_patches(layer, layer_features)
+        effective = _layer_ks(layer, layer_features, ks, cap_to_bank)
+        distinct = sorted(set(effective))
+        sweep = sweep_k(patches, distinct, rng=jax.random.fold_in(rng, layer), **kmeans_options)
+        for k, k_layer in zip(ks, effective):
+            run = distinct.index(k_layer)
+            banks[int(k)].prototypes.append(sweep.prototypes[run])
+            banks[int(k)].results.append(jax.tree.map(lambda field: field[run], sweep.result))
+    return banks
+
 
 def build_memory_bank(features: Sequence[jax.Array], k: int, *, rng: jax.Array, **kmeans_options) -> MemoryBank:
-    """features: per layer (M, h_n, w_n, D_n) of the normal images -> K prototypes per layer.
-
-    Every layer has its own (N, D), hence its own compiled K-means program.
-    """
-    prototypes, results = [], []
-    for layer, layer_features in enumerate(features):
-        if layer_features.ndim != 4:
-            raise UserInputError(f"layer {layer}: expected (M, h, w, D) features, got {tuple(layer_features.shape)}")
-        patches = layer_features.reshape(-1, layer_features.shape[-1])
-        if patches.shape[0] < k:
-            m, h, w, _ = layer_features.shape
-            raise UserInputError(f"layer {layer}: {m} normal images x {h}x{w} patches = {patches.shape[0]} "
-                                 f"patches, fewer than K = {k} prototypes; use a smaller --k or more images")
-        layer_prototypes, result = sinkhorn_kmeans(patches.astype(jnp.float32), k,
-                                                   rng=jax.random.fold_in(rng, layer), **kmeans_options)
-        prototypes.append(layer_prototypes)
-        results.append(result)
-    return MemoryBank(prototypes, results)
+    """K prototypes per layer (`fit_memory_banks` with one K)."""
+    return fit_memory_banks(features, [k], rng=rng, **kmeans_options)[int(k)]

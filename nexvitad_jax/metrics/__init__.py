@@ -18,8 +18,13 @@ from nexvitad_jax.metrics.evaluators import (
     pixel_f1max,
     pro_iou,
 )
+from nexvitad_jax.metrics.summary import IMAGE_METRICS, PIXEL_METRICS, evaluate_maps, mean_metrics
 
 __all__ = [
+    "IMAGE_METRICS",
+    "PIXEL_METRICS",
+    "evaluate_maps",
+    "mean_metrics",
     "DEFAULT_FPR_LIMIT",
     "EVALUATORS",
     "Evaluation",

@@ -8,52 +8,15 @@ are resized to any input size with PyTorch's bicubic numerics (HF `interpolate_p
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from nexvitad_jax.errors import UserInputError
-
-
-# Eigen's float32 erf (the rational approximation XLA uses on GPU), odd numerator / even
-# denominator in x^2 on [-4, 4]; erf is +-1 in float32 outside. Within ~4e-7 of the exact erf.
-_ERF_NUMERATOR = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-                  -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_DENOMINATOR = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-                    -1.42647390514189e-02)
-
-
-def erf_f32(x: jax.Array) -> jax.Array:
-    """erf in float32 as a rational polynomial: XLA:CPU's `lax.erf` is several times slower than
-    these few fused multiply-adds, and GELU's erf is a visible share of a ViT's CPU time."""
-    x = jnp.clip(x.astype(jnp.float32), -4.0, 4.0)
-    x2 = x * x
-    numerator = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_NUMERATOR[1:], jnp.float32(_ERF_NUMERATOR[0]))
-    denominator = functools.reduce(lambda acc, c: acc * x2 + c, _ERF_DENOMINATOR[1:],
-                                   jnp.float32(_ERF_DENOMINATOR[0]))
-    return x * numerator / denominator
-
-
-def gelu_exact(x: jax.Array) -> jax.Array:
-    """x * Phi(x) with the erf form (torch's default nn.GELU), computed in float32."""
-    x32 = x.astype(jnp.float32)
-    return (0.5 * x32 * (1.0 + erf_f32(x32 * 0.7071067811865476))).astype(x.dtype)
-
-
-_ACTIVATIONS = {
-    "gelu": gelu_exact,
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
+from nexvitad_jax.models.layers import ACTIVATIONS, config_from_dict, resize_position_embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +44,8 @@ class Dinov2Config:
         if self.hidden_size % self.num_attention_heads:
             raise UserInputError(f"Dinov2Config: hidden_size {self.hidden_size} is not divisible by "
                                  f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise UserInputError(f"Dinov2Config: hidden_act {self.hidden_act!r} is not one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise UserInputError(f"Dinov2Config: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
 
     @property
     def position_grid(self) -> int:
@@ -101,11 +64,7 @@ class Dinov2Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Dinov2Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserInputError(f"Dinov2Config: unknown fields {unknown}; expected some of {sorted(names)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "Dinov2Config")
 
 
 def _single(value: Any, name: str) -> int:
@@ -183,68 +142,7 @@ VARIANTS: dict[str, Dinov2Config] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Position-embedding resize with PyTorch's bicubic numerics (align_corners=False), as 1-D matrices.
-
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-    """Keys' cubic convolution kernel W(x) (PyTorch: a = -0.75 plain, a = -0.5 antialiased), in the
-    dtype of x (float32, as PyTorch computes the weights for float32 tensors)."""
-    x = np.abs(x)
-    a = x.dtype.type(a)
-    one, two, three, four, five, eight = (x.dtype.type(v) for v in (1, 2, 3, 4, 5, 8))
-    near = ((a + two) * x - (a + three)) * x * x + one
-    far = ((a * x - five * a) * x + eight * a) * x - four * a
-    return np.where(x < one, near, np.where(x < two, far, x.dtype.type(0)))
-
-
-@functools.lru_cache(maxsize=64)
-def torch_bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.ndarray:
-    """(size_out, size_in) matrix M with M @ v == F.interpolate(v, size_out, mode='bicubic',
-    align_corners=False, antialias=antialias) along one axis (float32 tensors)."""
-    f32 = np.float32
-    scale = f32(size_in) / f32(size_out)
-    rows = np.arange(size_out, dtype=f32)
-    matrix = np.zeros((size_out, size_in), np.float32)
-    if not antialias:
-        # upsample_bicubic2d: source index (i + 0.5) * scale - 0.5, not clamped for cubic; taps
-        # t+1, t, 1-t, 2-t read clamped indices (upsample_get_value_bounded).
-        src = scale * (rows + f32(0.5)) - f32(0.5)
-        base = np.floor(src)
-        t = src - base
-        one = f32(1)
-        taps = (_cubic(t + one, -0.75), _cubic(t, -0.75), _cubic(one - t, -0.75), _cubic(one - t + one, -0.75))
-        for offset, weight in zip(range(-1, 3), taps):
-            columns = np.clip(base.astype(np.int64) + offset, 0, size_in - 1)
-            np.add.at(matrix, (np.arange(size_out), columns), weight)
-        return matrix
-    # _upsample_bicubic2d_aa (PIL-style): a = -0.5, support widened by the scale when shrinking,
-    # taps cut at the borders and the weights renormalized.
-    support = f32(2) * scale if scale >= 1 else f32(2)
-    inv_scale = f32(1) / scale if scale >= 1 else f32(1)
-    center = scale * (rows + f32(0.5))
-    first = np.maximum(np.trunc(center - support + f32(0.5)).astype(np.int64), 0)
-    last = np.minimum(np.trunc(center + support + f32(0.5)).astype(np.int64), size_in)
-    columns = np.arange(size_in)
-    inside = (columns[None, :] >= first[:, None]) & (columns[None, :] < last[:, None])
-    offsets = (columns[None, :].astype(f32) - center[:, None] + f32(0.5)) * inv_scale
-    weights = np.where(inside, _cubic(offsets.astype(f32), -0.5), f32(0))
-    total = weights.sum(axis=1, keepdims=True, dtype=f32)
-    return np.where(total != 0, weights / np.where(total != 0, total, f32(1)), f32(0)).astype(f32)
-
-
-def resize_position_embeddings(grid_embeddings: jax.Array, size_out: tuple[int, int], *,
-                               antialias: bool = False) -> jax.Array:
-    """(h, w, C) position-embedding grid -> (size_out[0], size_out[1], C), bicubic as PyTorch, in fp32."""
-    rows = jnp.asarray(torch_bicubic_matrix(grid_embeddings.shape[0], size_out[0], antialias))
-    cols = jnp.asarray(torch_bicubic_matrix(grid_embeddings.shape[1], size_out[1], antialias))
-    resized = jnp.einsum("oh,hwc,pw->opc", rows, grid_embeddings.astype(jnp.float32), cols,
-                         precision=jax.lax.Precision.HIGHEST)
-    return resized.astype(grid_embeddings.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
 # Modules.
-
-
 
 def _attention_core(qkv: jax.Array) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v for qkv (..., 3, T, d); softmax in float32, normalized after the product."""
@@ -259,8 +157,8 @@ def multi_head_attention(qkv: jax.Array, cache_bytes: int = 1 << 20) -> jax.Arra
     """Attention for qkv (B, heads, 3, T, head_dim) -> (B, heads, T, head_dim).
 
     On CPU the (B*heads, T, T) scores of a whole batch spill out of cache (12 MB for ViT-S/14 at
-    224, batch 8), so the (batch, head) pairs run in groups whose scores fit in ~1 MB: about 2x
-    faster on XLA:CPU. Accelerators take the whole batch at once.
+    224, batch 8), so the (batch, head) pairs run in groups whose scores fit in ~1 MB, which XLA:CPU
+    runs faster than the whole batch at once. Accelerators take the whole batch at once.
     """
     batch, heads, _, tokens, head_dim = qkv.shape
     pairs = batch * heads
@@ -292,7 +190,7 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, config: Dinov2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.activation = _ACTIVATIONS[config.hidden_act]
+        self.activation = ACTIVATIONS[config.hidden_act]
         dim, hidden = config.hidden_size, config.mlp_hidden_size
         self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

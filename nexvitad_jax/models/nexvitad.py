@@ -70,14 +70,5 @@ class NexViTAD(nnx.Module):
         """F_3 of (C_t, b, ...) (per_class_inputs) or of (b, ...) given to every head -> (C_t, b, H, W, 2)."""
         return self.pseudo_label_heads(features[2], image_hw, per_head_inputs=per_class_inputs)
 
-    def segment_target(self, images: jax.Array) -> jax.Array:
-        """The paper's "original decoder" inference: target images (C_t, b, H, W, 3) in [0, 1] ->
-        anomaly probability maps (C_t, b, H, W) from each class's segmentation head (BN in eval)."""
-        classes, batch = images.shape[:2]
-        features = self.encode(images.reshape(classes * batch, *images.shape[2:]))
-        features = tuple(f.reshape(classes, batch, *f.shape[1:]) for f in features)
-        logits = self.target_logits(features, images.shape[2:4], train=False)
-        return jax.nn.softmax(logits, axis=-1)[..., 1]
-
     def __call__(self, images: jax.Array) -> tuple[jax.Array, ...]:
         return self.encode(images)

@@ -1,5 +1,5 @@
-"""The main job: config loading, split resolution, and one end-to-end `nexvitad run` (tiny config,
-synthetic set, 11/1 split) with its outputs, its quality bound and its resume path."""
+"""The main job: config loading and overrides, split resolution, and one end-to-end `nexvitad run`
+(the demo config, synthetic set, 11/1 split) with its outputs, its quality bound and its resume path."""
 
 import json
 
@@ -7,45 +7,72 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nexvitad_jax import cli, pipeline
-from nexvitad_jax.data import PAPER_CLASSES
+from nexvitad_jax import cli
+from nexvitad_jax.config import load_config, with_changes
+from nexvitad_jax.data import PAPER_CLASSES, resolve_split
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.metrics import pixel_auroc
+from nexvitad_jax.metrics import PIXEL_METRICS, pixel_auroc
+from nexvitad_jax.run import RunSpec, run
 
 
 def test_load_config_overrides_and_errors(tmp_path):
-    config = pipeline.load_config(None, ["epochs=3", "decoder_channels=(4, 4, 4)", "augmentation.noise_std=0.1",
-                                         'hiera_checkpoint="ckpt/hiera"', "bank_features=hiera-adapted"])
-    assert config.epochs == 3 and tuple(config.decoder_channels) == (4, 4, 4)
-    assert config.augmentation.noise_std == 0.1 and config.hiera_checkpoint == "ckpt/hiera"
-    assert config.bank_features == "hiera-adapted"
-    with pytest.raises(UserInputError, match="no field 'epochz'"):
-        pipeline.load_config(None, ["epochz=3"])
-    with pytest.raises(UserInputError, match="--set 'epochs=\"many\"'"):
-        pipeline.load_config(None, ['epochs="many"'])  # the field is an int
-    with pytest.raises(UserInputError, match="KEY=VALUE"):
-        pipeline.load_config(None, ["epochs"])
+    config = load_config(None, ["train.epochs=3", "model.decoder_channels=(4, 4, 4)",
+                                "train.augmentation.noise_std=0.1", 'model.hiera_checkpoint="ckpt/hiera"',
+                                "bank.features=hiera-adapted"])
+    assert config.train.epochs == 3 and tuple(config.model.decoder_channels) == (4, 4, 4)
+    assert config.train.augmentation.noise_std == 0.1 and config.model.hiera_checkpoint == "ckpt/hiera"
+    assert config.bank.features == "hiera-adapted"
+    with pytest.raises(UserInputError, match="train has no field 'epochz'"):
+        load_config(None, ["train.epochz=3"])
+    with pytest.raises(UserInputError, match="no section 'trian'"):
+        load_config(None, ["trian.epochs=3"])
+    with pytest.raises(UserInputError, match="the config has no field 'epochs'"):
+        load_config(None, ["epochs=3"])  # the flat names of older configs
+    with pytest.raises(UserInputError, match="--set 'train.epochs=\"many\"'"):
+        load_config(None, ['train.epochs="many"'])  # the field is an int
+    with pytest.raises(UserInputError, match="SECTION.FIELD=VALUE"):
+        load_config(None, ["train.epochs"])
     with pytest.raises(UserInputError, match="no such file"):
-        pipeline.load_config(tmp_path / "missing.py")
+        load_config(tmp_path / "missing.py")
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(:\n")
     with pytest.raises(UserInputError, match="broken.py: could not be executed"):
-        pipeline.load_config(broken)
+        load_config(broken)
+
+
+def test_packaged_configs_derive_from_the_paper_config(tmp_path):
+    paper, tiny, demo = (load_config(name) for name in ("paper", "tiny", "demo"))
+    assert (paper.data.image_size, paper.train.epochs, paper.data.few_shot, paper.bank.k) == (224, 50, 10, 30)
+    assert paper.model.hiera.variant == "huge" and paper.model.dinov2.variant == "small"
+    assert (tiny.data.image_size, demo.data.image_size, demo.bank.layers) == (64, 128, (0, 1))
+    # A field tiny does not override is paper's; a file config and a packaged name load alike.
+    assert tiny.train.learning_rate == paper.train.learning_rate and tiny.bank.kmeans == paper.bank.kmeans
+    assert load_config(nexvitad_jax_configs() / "tiny.py").to_dict() == tiny.to_dict()
+    changed = with_changes(tiny, {"train.lambda1": 0.0, "seed": 3})
+    assert (changed.train.lambda1, changed.seed, tiny.train.lambda1, tiny.seed) == (0.0, 3, 1.0, 0)
+
+
+def nexvitad_jax_configs():
+    from pathlib import Path
+
+    import nexvitad_jax.configs
+
+    return Path(nexvitad_jax.configs.__file__).parent
 
 
 def test_resolve_split_draws_fixes_and_checks():
     classes = list(PAPER_CLASSES)
-    source, target = pipeline.resolve_split(classes, "10/2", None, seed=3)
+    source, target = resolve_split(classes, "10/2", None, seed=3)
     assert len(source) == 10 and len(target) == 2 and sorted(source + target) == sorted(classes)
-    assert pipeline.resolve_split(classes, "10/2", None, seed=3) == (source, target)  # deterministic
-    assert pipeline.resolve_split(classes, None, None, seed=0)[1] == pipeline.resolve_split(classes, "11/1", None, 0)[1]
-    source, target = pipeline.resolve_split(classes, "1/1", None, seed=0)  # fewer classes than held
+    assert resolve_split(classes, "10/2", None, seed=3) == (source, target)  # deterministic
+    assert resolve_split(classes, None, None, seed=0)[1] == resolve_split(classes, "11/1", None, 0)[1]
+    source, target = resolve_split(classes, "1/1", None, seed=0)  # fewer classes than held
     assert len(source) == 1 and len(target) == 1 and source != target
-    assert pipeline.resolve_split(["hazelnut", "transistor"], None, "hazelnut", 0) == (["transistor"], ["hazelnut"])
+    assert resolve_split(["hazelnut", "transistor"], None, "hazelnut", 0) == (["transistor"], ["hazelnut"])
     with pytest.raises(UserInputError, match="needs 14 classes"):
-        pipeline.resolve_split(classes, "12/2", None, seed=0)
+        resolve_split(classes, "12/2", None, seed=0)
     with pytest.raises(UserInputError, match="not in the dataset"):
-        pipeline.resolve_split(classes, None, "zipper", seed=0)
+        resolve_split(classes, None, "zipper", seed=0)
 
 
 def test_run_command_reports_bad_config_without_traceback(capsys, tmp_path):
@@ -62,7 +89,7 @@ def default_run(tmp_path_factory):
     messages = []
     assert cli.main(["run", "--workdir", str(workdir), "--no-progress"]) == 0
     first = json.loads((workdir / "metrics.json").read_text())
-    results = pipeline.run(pipeline.RunSpec(pipeline.load_config()), workdir, progress=False, log=messages.append)
+    results = run(RunSpec(load_config()), workdir, progress=False, log=messages.append)
     return workdir, first, results, messages
 
 
@@ -72,7 +99,7 @@ def test_default_run_writes_parseable_outputs(default_run):
     (category,) = results["target"]
     for method in ("memory_bank", "decoder"):
         metrics = results["per_class"][category][method]
-        assert set(pipeline.PIXEL_METRICS) <= set(metrics) and "image_auroc" in metrics
+        assert set(PIXEL_METRICS) <= set(metrics) and "image_auroc" in metrics
         assert results["mean"][method]["pixel_auroc"] == metrics["pixel_auroc"]  # one target class
         # The saved maps re-evaluate to the recorded figure (an independent metric call).
         with np.load(workdir / "maps" / f"{category}.{method}.npz") as saved:
@@ -103,5 +130,4 @@ def test_default_run_resumes_and_refuses_another_config(default_run):
     assert results["timings"]["train_s"] < first["timings"]["train_s"] / 2  # restored, not retrained
     assert first["per_class"] == results["per_class"]
     with pytest.raises(UserInputError, match="holds another run"):
-        pipeline.run(pipeline.RunSpec(pipeline.load_config(None, ["epochs=3"])), workdir, progress=False,
-                     log=lambda _: None)
+        run(RunSpec(load_config(None, ["train.epochs=3"])), workdir, progress=False, log=lambda _: None)

@@ -1,1 +1,0 @@
-"""Experiment configurations: each get_config() returns an ml_collections ConfigDict."""

@@ -1,0 +1,277 @@
+"""The main job, `nexvitad run`: train on the source classes, adapt to the target classes, build the
+memory banks, score the target test sets and evaluate them (the paper's whole protocol).
+
+    nexvitad run                                   # synthetic set, tiny random backbones, 11/1
+    nexvitad run --data PATH/TO/mvtec --split 10/2 --seed 1
+    nexvitad run --config paper --data PATH/TO/mvtec --workdir runs/paper
+
+Outputs in the workdir: `metrics.json` (config, split, per-class and mean metrics of each inference
+path, timings), `results.md` (a Table 1 row and the per-class table), `heatmaps/CLASS.png`
+(original | ground truth | heatmaps, the paper's Fig. 4) and `maps/CLASS.METHOD.npz` (the anomaly
+maps, for `nexvitad evaluate`). Every stage is resumable: training from its checkpoints, inference per
+target class from the files it already wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from nexvitad_jax.config import config_dict, load_config, uses_random_backbones, with_changes
+from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.identity import describe_differences, identity_key
+from nexvitad_jax.io import atomic_savez, atomic_write, writes_outputs
+
+METHODS = ("memory_bank", "decoder")
+RESULT_FORMAT_VERSION = 2  # 2: the nested config
+
+RANDOM_BACKBONE_NOTICE = (
+    "nexvitad run: the backbones are RANDOMLY INITIALIZED tiny Hiera and DINOv2 (no pretrained weights "
+    "here), so the figures show that the pipeline works, not the paper's accuracy. For the paper's "
+    "setting convert real weights (python -m converters hiera --source facebook/hiera-huge-224-hf --out "
+    "checkpoints/hiera-huge; python -m converters dinov2 --source facebook/dinov2-small --out "
+    "checkpoints/dinov2-small) and run with --config paper.")
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """What one run is: everything that changes its results (its key) and where it writes."""
+
+    config: Any
+    data: str = "synthetic"
+    split: str | None = None
+    target: str | Sequence[str] | None = None
+    seed: int | None = None  # None: the config's
+    methods: tuple[str, ...] = METHODS
+
+    def resolved(self):
+        """(the config with the run's seed, the seed); unknown methods are refused."""
+        for method in self.methods:
+            if method not in METHODS:
+                raise UserInputError(f"inference method {method!r}; expected some of {METHODS}")
+        seed = int(self.config.seed if self.seed is None else self.seed)
+        config = self.config if int(self.config.seed) == seed else with_changes(self.config, {"seed": seed})
+        return config, seed
+
+
+@dataclasses.dataclass
+class TargetContext:
+    """What scoring a target class needs: the trained model's inference paths and the run's setting."""
+
+    config: Any
+    dataset: Any
+    seed: int
+    methods: tuple[str, ...]
+    extractor: Any  # EncoderFeatureExtractor of the trained encoder
+    decoder: Any  # DecoderBaseline, or None when the decoder path is not asked for
+    progress: bool
+    log: Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- the workdir
+
+
+def claim_workdir(workdir: Path, identity: dict) -> str:
+    """A workdir holds one run: its run.json names it; resuming with another identity is refused.
+    Returns the run's key."""
+    key = identity_key(identity)
+    path = workdir / "run.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") != key:
+            differences = describe_differences(saved.get("identity", {}), identity, what="saved run")
+            raise UserInputError(f"{workdir} holds another run (differences: {'; '.join(differences) or 'format'}); "
+                                 "use a new --workdir, or delete that one to start over")
+    else:
+        atomic_write(path, json.dumps({"key": key, "identity": identity}, indent=1) + "\n")
+    return key
+
+
+# ----------------------------------------------------------------------------- per target class
+
+
+def memory_bank_maps(context: TargetContext, category: str, images: np.ndarray, bar):
+    """The memory bank of the class's few-shot normal images, then its maps of the test images."""
+    from nexvitad_jax.data import few_shot_images
+    from nexvitad_jax.inference.detector import AnomalyDetector
+
+    config = context.config
+    normal = few_shot_images(context.dataset, category, int(config.data.few_shot), context.seed)
+    detector = AnomalyDetector(context.extractor, k=int(config.bank.k), sigma=float(config.bank.sigma),
+                               seed=context.seed, batch_size=int(config.eval.batch_size),
+                               kmeans_options=config.bank.kmeans.to_dict())
+    detector.fit(normal.astype(np.float32) / 255.0, bar)
+    unconverged = detector.memory_bank.unconverged_layers()
+    if unconverged:
+        context.log(f"nexvitad run: {category}: K-means did not converge on layers {unconverged} "
+                    "(max iterations reached)")
+    return detector.predict(images, bar)
+
+
+def score_class(context: TargetContext, category: str, head: int) -> tuple[dict, dict, Any]:
+    """Maps and image scores of every inference path on the class's test set, their metrics and
+    timings; returns (record, maps, test set)."""
+    from tqdm.auto import tqdm
+
+    from nexvitad_jax.metrics import evaluate_maps
+
+    test = context.dataset.load(category, "test")
+    images = test.images.astype(np.float32) / 255.0
+    maps, timings = {}, {}
+    total = int(context.config.data.few_shot) * ("memory_bank" in context.methods) + len(images) * len(context.methods)
+    with tqdm(total=total, desc=f"score {category}", unit="img", disable=not context.progress) as bar:
+        for method in context.methods:
+            tick = time.perf_counter()
+            if method == "memory_bank":
+                maps[method], maps[f"{method}_image_scores"] = memory_bank_maps(context, category, images, bar)
+            else:
+                maps[method], maps[f"{method}_image_scores"] = context.decoder.predict(images, head, bar)
+            timings[f"{method}_s"] = time.perf_counter() - tick
+    metrics = {method: evaluate_maps(maps[method], test.masks, maps[f"{method}_image_scores"], test.labels)
+               for method in context.methods}
+    record = {"metrics": metrics, "timings": timings, "n_test": len(test), "n_anomalous": int(test.labels.sum())}
+    return record, maps, test
+
+
+def write_class_outputs(workdir: Path, category: str, record: dict, maps: dict, test, methods) -> None:
+    """maps/CLASS.METHOD.npz (read by `nexvitad evaluate`), heatmaps/CLASS.png, classes/CLASS.json
+    (written last: it marks the class done for a resumed run)."""
+    from nexvitad_jax.report import heatmap_grid
+
+    for method in methods:
+        atomic_savez(workdir / "maps" / f"{category}.{method}.npz", scores=maps[method], masks=test.masks,
+                     image_scores=maps[f"{method}_image_scores"], labels=test.labels)
+    if writes_outputs():
+        heatmap_grid(workdir / "heatmaps" / f"{category}.png", category, test, {m: maps[m] for m in methods})
+    atomic_write(workdir / "classes" / f"{category}.json", json.dumps(record, indent=1) + "\n")
+
+
+def score_target_classes(context: TargetContext, target: Sequence[str], workdir: Path) -> dict[str, dict]:
+    """Every target class's metrics; classes scored by an earlier run of this workdir are read back."""
+    per_class = {}
+    for head, category in enumerate(target):
+        path = workdir / "classes" / f"{category}.json"
+        if path.is_file():
+            per_class[category] = json.loads(path.read_text())["metrics"]
+            context.log(f"nexvitad run: {category}: already scored (resumed)")
+            continue
+        record, maps, test = score_class(context, category, head)
+        write_class_outputs(workdir, category, record, maps, test, context.methods)
+        per_class[category] = record["metrics"]
+        summary = ", ".join(f"{m} pixel AUROC {_format(record['metrics'][m]['pixel_auroc'])}" for m in context.methods)
+        context.log(f"nexvitad run: {category}: {summary}")
+    return per_class
+
+
+def _format(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print) -> dict[str, Any]:
+    """The whole protocol for one (config, data, split, seed); returns what metrics.json holds."""
+    from nexvitad_jax.data import open_dataset, protocol_classes, resolve_split
+    from nexvitad_jax.inference import DecoderBaseline, EncoderFeatureExtractor
+    from nexvitad_jax.train import train
+
+    config, seed = spec.resolved()
+    workdir, began, timings = Path(workdir), time.perf_counter(), {}
+    dataset = open_dataset(spec.data, image_size=int(config.data.image_size))
+    source, target = resolve_split(protocol_classes(dataset.classes), spec.split, spec.target, seed)
+    identity = {"format": RESULT_FORMAT_VERSION, "config": config_dict(config), "data": str(spec.data),
+                "source": source, "target": target, "seed": seed}
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = claim_workdir(workdir, identity)
+    log(f"nexvitad run: {len(source)} source classes {source} -> target {target} (seed {seed}); workdir {workdir}")
+    if uses_random_backbones(config):
+        log(RANDOM_BACKBONE_NOTICE)
+
+    tick = time.perf_counter()
+    trained = train(config, dataset, source, target, workdir / "train", progress=progress)
+    timings["train_s"] = time.perf_counter() - tick
+    context = TargetContext(
+        config, dataset, seed, tuple(spec.methods),
+        EncoderFeatureExtractor.from_config(trained.model, config.bank, identity={"run": key}),
+        DecoderBaseline(trained.model, batch_size=int(config.eval.batch_size)) if "decoder" in spec.methods else None,
+        progress, log)
+    per_class = score_target_classes(context, target, workdir)
+    timings["inference_s"] = time.perf_counter() - tick - timings["train_s"]
+    timings["total_s"] = time.perf_counter() - began
+    results = run_results(spec, config, seed, source, target, trained, per_class, timings)
+    write_results(workdir, results)
+    return results
+
+
+def run_results(spec: RunSpec, config, seed: int, source, target, trained, per_class, timings) -> dict[str, Any]:
+    """What metrics.json holds."""
+    from nexvitad_jax.metrics import mean_metrics
+
+    return {"format": RESULT_FORMAT_VERSION, "data": str(spec.data), "seed": seed, "source": source,
+            "target": target, "split": f"{len(source)}/{len(target)}", "methods": list(spec.methods),
+            "random_backbones": uses_random_backbones(config), "train_steps": trained.steps,
+            "train_last_metrics": trained.last_metrics, "per_class": per_class,
+            "mean": {m: mean_metrics([per_class[c][m] for c in target]) for m in spec.methods},
+            "timings": timings, "config": config_dict(config)}
+
+
+def write_results(workdir: Path, results: dict[str, Any]) -> None:
+    from nexvitad_jax.report import results_markdown
+
+    atomic_write(workdir / "metrics.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(workdir / "results.md", results_markdown(results))
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every protocol script shares (`nexvitad run` and experiments/)."""
+    parser.add_argument("--config", default=None,
+                        help="a packaged config (paper, tiny, demo) or a Python file with get_config() "
+                             "(default: demo)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field (repeatable), e.g. --set train.epochs=4")
+    parser.add_argument("--data", default="synthetic",
+                        help="'synthetic' (default), an MVTec AD folder or the official .tar.xz archive")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nexvitad run", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    add_config_arguments(parser)
+    parser.add_argument("--split", default=None,
+                        help="SOURCE/TARGET class counts, e.g. 11/1 (default: all classes but one as source)")
+    parser.add_argument("--target", default=None, help="fix the target classes, e.g. hazelnut or bottle,cable")
+    parser.add_argument("--seed", type=int, default=None, help="split, few-shot images and init (default: config)")
+    parser.add_argument("--workdir", default="runs/default", help="outputs and checkpoints (default runs/default)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"inference paths, comma-separated (default {','.join(METHODS)})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    from nexvitad_jax.distributed import initialize_distributed
+    from nexvitad_jax.report import results_markdown
+
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    initialize_distributed()
+    spec = RunSpec(config, data=args.data, split=args.split, target=args.target, seed=args.seed,
+                   methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    results = run(spec, args.workdir, progress=not args.no_progress,
+                  log=lambda message: print(message, file=sys.stderr))
+    print(results_markdown(results))
+    print(f"nexvitad run: done in {results['timings']['total_s']:.0f} s; metrics.json, results.md and "
+          f"heatmaps/ in {args.workdir}", file=sys.stderr)
+    return 0
