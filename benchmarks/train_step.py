@@ -200,7 +200,8 @@ def paper_step_gflops(num_source: int = 11, num_target: int = 1, per_class: int 
 
     from nexvitad_jax.configs import paper
     from nexvitad_jax.models.build import build_model
-    from nexvitad_jax.train.step import TrainStep, make_mesh, make_optimizer
+    from nexvitad_jax.sharding import make_mesh
+    from nexvitad_jax.train.step import TrainStep, make_optimizer
 
     config = paper.get_config()
     config.model.hiera_checkpoint = config.model.dinov2_checkpoint = ""
@@ -286,7 +287,8 @@ def jax_candidates(config, batch: dict[str, np.ndarray], num_source: int, num_ta
     from flax import nnx
 
     from nexvitad_jax.models.build import build_model
-    from nexvitad_jax.train.step import TrainStep, batch_sharding, features_from_images, make_mesh, make_optimizer
+    from nexvitad_jax.sharding import batch_sharding, make_mesh
+    from nexvitad_jax.train.step import TrainStep, features_from_images, make_optimizer
 
     mesh = make_mesh()
     trainer = TrainStep(build_model(config, num_source, num_target), make_optimizer(1e-4, 10, 1000), mesh)

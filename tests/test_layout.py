@@ -14,7 +14,7 @@ LIBRARY = REPO_ROOT / "nexvitad_jax"
 # Each module's layer (the longest matching prefix); a module may import its own layer or lower ones.
 LAYERS = {
     "nexvitad_jax.errors": 0, "nexvitad_jax.identity": 0, "nexvitad_jax.io": 0, "nexvitad_jax.configs": 0,
-    "nexvitad_jax.compilation": 0, "nexvitad_jax.distributed": 0, "nexvitad_jax": 0,
+    "nexvitad_jax.compilation": 0, "nexvitad_jax.distributed": 0, "nexvitad_jax.sharding": 0, "nexvitad_jax": 0,
     "nexvitad_jax.config": 1, "nexvitad_jax.metrics": 1, "nexvitad_jax.data": 1, "nexvitad_jax.models": 1,
     "nexvitad_jax.train": 2, "nexvitad_jax.inference": 2, "nexvitad_jax.report": 2,
     "nexvitad_jax.run": 3, "nexvitad_jax.cli": 4,

@@ -21,7 +21,8 @@ from nexvitad_jax.train import TrainingDiverged, augment as aug, train
 from nexvitad_jax.train.checkpoints import Checkpoints
 from nexvitad_jax.train.loop import check_training_config
 from nexvitad_jax.train.losses import IGNORE, consistency_mse, cross_entropy, pseudo_labels, total_loss
-from nexvitad_jax.train.step import TrainStep, batch_sharding, make_mesh, make_optimizer
+from nexvitad_jax.sharding import batch_sharding, make_mesh
+from nexvitad_jax.train.step import TrainStep, make_optimizer
 
 
 def test_pseudo_labels_threshold_and_ignore():

@@ -89,7 +89,8 @@ def worker_shard(out: str, phases: str = "2", fast_compile: str = "1") -> None:
 
     from nexvitad_jax.compilation import fast_compile_options
     from nexvitad_jax.models.build import build_model
-    from nexvitad_jax.train.step import TrainStep, batch_sharding, make_mesh, make_optimizer
+    from nexvitad_jax.sharding import batch_sharding, make_mesh
+    from nexvitad_jax.train.step import TrainStep, make_optimizer
 
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)

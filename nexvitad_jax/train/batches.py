@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from nexvitad_jax.train.losses import IGNORE
-from nexvitad_jax.train.step import TrainStep, batch_sharding, replicated
+from nexvitad_jax.sharding import batch_sharding, replicated
+from nexvitad_jax.train.step import TrainStep
 
 TARGET_STREAM = 1000  # target class c draws its order from stream TARGET_STREAM + c
 

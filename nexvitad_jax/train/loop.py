@@ -23,7 +23,8 @@ from nexvitad_jax.models.build import build_model
 from nexvitad_jax.models.nexvitad import NexViTAD
 from nexvitad_jax.train.batches import TrainBatches, steps_per_epoch
 from nexvitad_jax.train.checkpoints import Checkpoints
-from nexvitad_jax.train.step import TrainStep, make_mesh
+from nexvitad_jax.sharding import make_mesh
+from nexvitad_jax.train.step import TrainStep
 
 
 class TrainingDiverged(RuntimeError):

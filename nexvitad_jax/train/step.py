@@ -27,17 +27,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from nexvitad_jax.compilation import fast_compile_options
 from nexvitad_jax.models.nexvitad import TRAINABLE, NexViTAD, normalize
+from nexvitad_jax.sharding import batch_sharding, replicated
 from nexvitad_jax.train import augment as augment_lib
 from nexvitad_jax.train.losses import IGNORE, consistency_mse, cross_entropy, pseudo_labels, total_loss
-
-DATA_AXIS = "data"
 
 
 def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int) -> optax.GradientTransformation:
@@ -45,20 +43,6 @@ def make_optimizer(learning_rate: float, warmup_steps: int, total_steps: int) ->
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
                                                   max(total_steps, warmup_steps + 1), end_value=0.0)
     return optax.adam(schedule)
-
-
-def make_mesh(devices=None) -> Mesh:
-    devices = np.asarray(jax.devices() if devices is None else devices)
-    return Mesh(devices.reshape(-1), (DATA_AXIS,))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """(classes, per_class, ...) arrays split along per_class."""
-    return NamedSharding(mesh, P(None, DATA_AXIS))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 @dataclasses.dataclass(frozen=True)
