@@ -8,6 +8,7 @@ a scanned layer once, so it cannot serve), giving MFU on accelerators.
     python benchmarks/backbones.py            # CPU: dinov2-small, hiera-tiny, hiera-huge, fp32 + bf16
     python benchmarks/backbones.py --quick    # seconds: small batch, dinov2-small + hiera-tiny, fp32
     python benchmarks/backbones.py --device-bench   # GPU: bf16, batch 64 and 256, eager + torch.compile, MFU
+    python benchmarks/backbones.py --dinov2-attention --threads 1 --rounds 20 --out FILE   # CPU grouping
 
 Results: benchmarks/results/backbones.json (or --out). On a shared CPU, pin with `--threads 1` and
 read the `*_cpu_time` ratios (process CPU time; see `time_side_by_side`) next to the wall ratios.
@@ -42,7 +43,9 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-MODELS = {"dinov2-small": ("dinov2", "small"), "hiera-tiny": ("hiera", "tiny"), "hiera-huge": ("hiera", "huge")}
+MODELS = {"dinov2-small": ("dinov2", "small"), "hiera-tiny": ("hiera", "tiny"), "hiera-base": ("hiera", "base"),
+          "hiera-huge": ("hiera", "huge")}
+DEFAULT_MODELS = ["dinov2-small", "hiera-tiny", "hiera-huge"]  # hiera-base on request (--models)
 IMAGE_SIZE = 224
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}
@@ -218,11 +221,40 @@ def environment(device: str) -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def bench_dinov2_attention_groups(batch: int, rounds: int) -> dict:
+    """DINOv2-S attention alone at 224 (257 tokens, 6 heads of 64), fp32: the library's CPU grouping
+    (`multi_head_attention`: groups of images whose scores fit in `cache_bytes`) vs the whole batch
+    in one `jax.nn.dot_product_attention`."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from nexvitad_jax.models.dinov2 import multi_head_attention
+
+    shape = (batch, 257, 6, 64)
+    query, key, value = (jnp.asarray(np.random.default_rng(i).standard_normal(shape), jnp.float32) for i in range(3))
+    calls = {name: jax.jit(functools.partial(multi_head_attention, cache_bytes=cache_bytes))
+             for name, cache_bytes in (("grouped_1mb", 1 << 20), ("whole_batch", 1 << 62))}
+    runners = {name: functools.partial(lambda call: jax.block_until_ready(call(query, key, value)), call)
+               for name, call in calls.items()}
+    for run in runners.values():  # compile
+        run()
+    seconds, cpu_seconds = time_side_by_side(runners, rounds)
+    row = {"what": "dinov2-small attention (one layer)", "batch": batch, "rounds": rounds, "dtype": "float32"}
+    row.update({f"{name}_ms": round(1e3 * secs, 3) for name, secs in seconds.items()})
+    row.update({f"{name}_cpu_ms": round(1e3 * secs, 3) for name, secs in cpu_seconds.items()})
+    row["whole_over_grouped_cpu_time"] = round(cpu_seconds["whole_batch"] / cpu_seconds["grouped_1mb"], 3)
+    return row
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny run: batch 2, 3 rounds, no hiera-huge, fp32")
     parser.add_argument("--device-bench", action="store_true",
                         help="GPU: bf16 at batch 64 and 256, PyTorch eager and torch.compile, MFU")
+    parser.add_argument("--dinov2-attention", action="store_true",
+                        help="CPU: DINOv2-S attention alone, the library's grouping vs the whole batch at once")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {sorted(MODELS)}")
     parser.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16")
     parser.add_argument("--batch", type=int, default=None)
@@ -232,7 +264,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-compile", action="store_true", help="also time torch.compile (always on GPU)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "backbones.json")
     args = parser.parse_args(argv)
+    if args.device_bench:
+        args.device, dtypes, batches, rounds, compile_torch = "cuda", ["bfloat16"], [64, 256], 10, True
+        models = DEFAULT_MODELS
+    elif args.quick:
+        args.device, dtypes, batches, rounds, compile_torch = "cpu", ["float32"], [2], 3, False
+        models = ["dinov2-small", "hiera-tiny"]
+    else:
+        args.device, dtypes, batches, rounds, compile_torch = "cpu", ["float32", "bfloat16"], [8], 5, False
+        models = DEFAULT_MODELS
+    args.rounds, args.compile_torch = args.rounds or rounds, compile_torch or args.torch_compile
+    args.models = args.models.split(",") if args.models else models
+    args.dtypes = args.dtypes.split(",") if args.dtypes else dtypes
+    args.batches = [args.batch] if args.batch else batches
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; expected some of {sorted(MODELS)}")
+    return args
 
+
+def pair_throughput(results: list[dict], batches: list[int]) -> dict:
+    """The NexViTAD pair, Hiera-Huge + DINOv2-S on the same image, per batch size."""
+    summary = {}
+    for batch in batches:
+        rows = {r["model"]: r for r in results if r["batch"] == batch}
+        if {"hiera-huge", "dinov2-small"} <= set(rows):
+            pair = {}
+            for runner in ("jax", "torch_eager", "torch_compile"):
+                key = f"{runner}_images_per_s"
+                pair[key] = round(1 / (1 / rows["hiera-huge"][key] + 1 / rows["dinov2-small"][key]), 2)
+            pair["jax_over_torch_compile"] = round(pair["jax_images_per_s"] / pair["torch_compile_images_per_s"], 3)
+            summary[f"hiera_huge_plus_dinov2_small_batch{batch}"] = pair
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.threads:  # pin the process (both frameworks) to N cores, before jax starts its thread pool
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     import torch
@@ -240,48 +307,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    if args.device_bench:
-        if not torch.cuda.is_available():
-            parser.error("--device-bench needs a CUDA GPU (torch.cuda.is_available() is False)")
-        device, dtypes, batches, rounds, compile_torch = "cuda", ["bfloat16"], [64, 256], args.rounds or 10, True
-        models = list(MODELS)
-    elif args.quick:
-        device, dtypes, batches, rounds, compile_torch = "cpu", ["float32"], [2], args.rounds or 3, False
-        models = ["dinov2-small", "hiera-tiny"]
-    else:
-        device, dtypes, batches, rounds, compile_torch = "cpu", ["float32", "bfloat16"], [8], args.rounds or 5, False
-        models = list(MODELS)
-    compile_torch = compile_torch or args.torch_compile
-    models = args.models.split(",") if args.models else models
-    dtypes = args.dtypes.split(",") if args.dtypes else dtypes
-    batches = [args.batch] if args.batch else batches
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; expected some of {sorted(MODELS)}")
+    if args.device_bench and not torch.cuda.is_available():
+        sys.exit("--device-bench needs a CUDA GPU (torch.cuda.is_available() is False)")
 
     results = []
-    jobs = [(m, d, b) for m in models for d in dtypes for b in batches]
+    if args.dinov2_attention:
+        results.append(bench_dinov2_attention_groups(args.batch or 8, args.rounds))
+    jobs = [] if args.dinov2_attention else [(m, d, b) for m in args.models for d in args.dtypes for b in args.batches]
     for model, dtype, batch in tqdm(jobs, desc="backbones"):
         # Huge on CPU: a smaller batch keeps one round to seconds.
-        use_batch = min(batch, 2) if model == "hiera-huge" and device == "cpu" else batch
-        row = bench_model(model, dtype, use_batch, rounds, device, compile_torch)
+        use_batch = min(batch, 2) if model == "hiera-huge" and args.device == "cpu" else batch
+        row = bench_model(model, dtype, use_batch, args.rounds, args.device, args.compile_torch)
         tqdm.write(json.dumps(row))
         results.append(row)
 
-    summary = {"mode": "device" if args.device_bench else "quick" if args.quick else "cpu",
+    mode = "device" if args.device_bench else "quick" if args.quick else "cpu"
+    summary = {"mode": "dinov2-attention" if args.dinov2_attention else mode,
                "command": "python benchmarks/backbones.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "environment": environment(device), "results": results}
-    if args.device_bench:  # the NexViTAD pair: Hiera-Huge + DINOv2-S on the same image
-        for batch in batches:
-            rows = {r["model"]: r for r in results if r["batch"] == batch}
-            if {"hiera-huge", "dinov2-small"} <= set(rows):
-                pair = {}
-                for runner in ("jax", "torch_eager", "torch_compile"):
-                    key = f"{runner}_images_per_s"
-                    pair[key] = round(1 / (1 / rows["hiera-huge"][key] + 1 / rows["dinov2-small"][key]), 2)
-                pair["jax_over_torch_compile"] = round(pair["jax_images_per_s"] / pair["torch_compile_images_per_s"], 3)
-                summary[f"hiera_huge_plus_dinov2_small_batch{batch}"] = pair
+               "environment": environment(args.device), "results": results}
+    if args.device_bench:
+        summary.update(pair_throughput(results, args.batches))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -13,6 +13,16 @@ costs per image, and its host memory per image (also projected for the paper's b
     python benchmarks/train_step.py                # tiny config, more rounds
     python benchmarks/train_step.py --hiera base --quick --no-torch   # Hiera-B + DINOv2-S at 224, batch 2
     python benchmarks/train_step.py --paper --device   # Hiera-Huge + DINOv2-S at 224 (accelerator)
+    python benchmarks/train_step.py --representative   # see below (~25 min on 2 CPU cores)
+
+Representative sizes (`--representative`): Hiera-tiny and Hiera-base, each with DINOv2-S, at 224 px,
+the paper's decoder, 8 images a step (a 2/1 split, 2 images per class: 4 source, 2 clean and 2
+augmented target images): JAX vs torch eager vs torch.compile, images/s and achieved GFLOP/s, and
+where each step's time goes (backbones, heads forward, backward, optimizer), into
+benchmarks/results/train_step_representative.json. A step's FLOPs (`step_gflops`) are XLA's count
+of the step program with the backbones' share replaced by the model-dimension count of
+benchmarks/backbones.py (XLA counts a scanned layer once); the PyTorch reference computes the same
+model, so one count serves both.
 
 Results: benchmarks/results/train_step.json (or --out), one section per configuration.
 """
@@ -24,7 +34,6 @@ import functools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,6 +42,8 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+SPLIT = (2, 1)  # source, target classes of the CPU configurations
 
 
 def torch_reference(config, num_source: int, num_target: int):
@@ -62,8 +73,11 @@ def torch_reference(config, num_source: int, num_target: int):
             feats = [2 * d for d in dims]
             coarse, ups, blocks = feats[-1], [], []
             for skip, width in zip(reversed(feats[:-1]), config.model.decoder_channels):
-                ups.append(nn.ConvTranspose2d(coarse, coarse, 2, 2))
-                blocks.append(Block(coarse + skip, width))
+                # model.upconv (where the config has it): "width" maps to the block's width, "keep"
+                # (the earlier default) keeps the coarse width.
+                upsampled = width if config.model.get("upconv", "keep") == "width" else coarse
+                ups.append(nn.ConvTranspose2d(coarse, upsampled, 2, 2))
+                blocks.append(Block(upsampled + skip, width))
                 coarse = width
             self.ups, self.blocks = nn.ModuleList(ups), nn.ModuleList(blocks)
             self.final, self.cls = Block(coarse, coarse), nn.Conv2d(coarse, 2, 1)
@@ -108,19 +122,23 @@ def torch_reference(config, num_source: int, num_target: int):
     return Model()
 
 
-def torch_step_fn(model, optimizer, num_source, num_target, per_source, per_target):
+def torch_step_fn(model, optimizer, num_source, num_target, per_source, per_target, *, device: str = "cpu",
+                  autocast: bool = False, train: bool = True):
+    """The reference's step on `device`; `autocast`: bf16 autocast of the forward pass; `train=False`:
+    the forward pass and loss alone (no backward, no update: the profile's split)."""
     import torch
     import torch.nn.functional as F
 
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    bottom_row = torch.tensor([[[0, 0, 1.0]]], device=device)
 
-    def step(source, masks, target, labels, flips, rots, scales):
+    def losses(source, masks, target, labels, flips, rots, scales):
         hw = source.shape[-2:]
         # Augmentation as one affine grid per image (flip, rotation, scale), noise, then the inverse.
         angle = rots.float() * (torch.pi / 2)
         sign = torch.where(flips, -1.0, 1.0)
-        theta = torch.zeros(len(target), 2, 3)
+        theta = torch.zeros(len(target), 2, 3, device=device)
         theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) * sign / scales, -torch.sin(angle) / scales
         theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) * sign / scales, torch.cos(angle) / scales
         grid = F.affine_grid(theta, list(target.shape), align_corners=True)
@@ -131,15 +149,15 @@ def torch_step_fn(model, optimizer, num_source, num_target, per_source, per_targ
         loss = 0.0
         for c, head in enumerate(model.source_heads):
             sl = slice(c * per_source, (c + 1) * per_source)
-            loss = loss + F.cross_entropy(head([f[sl] for f in feats], hw), masks[sl]) / num_source
+            loss = loss + F.cross_entropy(head([f[sl] for f in feats], hw).float(), masks[sl]) / num_source
         for head in model.pl_heads:
             logits = F.interpolate(head(feats[2][:ns]), size=hw, mode="bilinear", align_corners=False)
-            loss = loss + F.cross_entropy(logits, masks) / num_target
-        inverse = torch.linalg.inv(torch.cat([theta, torch.tensor([[[0, 0, 1.0]]]).expand(len(theta), 1, 3)], 1))[:, :2]
+            loss = loss + F.cross_entropy(logits.float(), masks) / num_target
+        inverse = torch.linalg.inv(torch.cat([theta, bottom_row.expand(len(theta), 1, 3)], 1))[:, :2]
         for c, head in enumerate(model.target_heads):
             clean = slice(ns + c * per_target, ns + (c + 1) * per_target)
             aug = slice(ns + nt + c * per_target, ns + nt + (c + 1) * per_target)
-            logits = head([torch.cat([f[clean], f[aug]]) for f in feats], hw)
+            logits = head([torch.cat([f[clean], f[aug]]) for f in feats], hw).float()
             lab = labels[c * per_target:(c + 1) * per_target]
             loss = loss + F.cross_entropy(logits[:per_target], lab, ignore_index=-1) / num_target
             back = F.grid_sample(logits[per_target:].softmax(1), F.affine_grid(
@@ -147,9 +165,15 @@ def torch_step_fn(model, optimizer, num_source, num_target, per_source, per_targ
                 align_corners=True)[:, 1]
             valid = lab != -1
             loss = loss + ((back - lab.float()) ** 2)[valid].mean() / num_target
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        return loss
+
+    def step(*batch):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            loss = losses(*batch)
+        if train:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         return loss
 
     return step
@@ -165,10 +189,10 @@ def timed(fn, rounds: int) -> list[float]:
 
 
 def cache_bytes_per_image(features) -> int:
-    """Host memory of one image's cached backbone outputs (leaves laid out (classes, per_class, ...))."""
+    """Host memory of one image's cached backbone outputs (leaves laid out (images, ...))."""
     import jax
 
-    return int(sum(np.prod(f.shape[2:]) * np.dtype(f.dtype).itemsize for f in jax.tree.leaves(features)))
+    return int(sum(np.prod(f.shape[1:]) * np.dtype(f.dtype).itemsize for f in jax.tree.leaves(features)))
 
 
 def paper_cache_bytes_per_image(image_size: int = 224) -> int:
@@ -188,56 +212,156 @@ def paper_cache_bytes_per_image(image_size: int = 224) -> int:
     return total
 
 
-def paper_step_gflops(num_source: int = 11, num_target: int = 1, per_class: int = 4) -> dict[str, float]:
-    """XLA's FLOP count of the paper config's phase-2 step (Hiera-Huge + DINOv2-S at 224, an 11/1
-    split, 4 images per class) with and without the cache, from the lowered programs: shapes only,
-    nothing is placed on a device or run."""
+# ----------------------------------------------------------------------------------------------
+# Batches: per-class arrays, then a step's batch as nexvitad_jax.train.batches lays it out.
+
+def per_class_arrays(config, num_source: int, num_target: int, *, random: bool = True) -> dict[str, np.ndarray]:
+    """A phase-2 step's per-class data: images, masks and pseudo-labels (random, or zeros for shapes)."""
+    per_source, per_target = int(config.train.source_per_class), int(config.train.target_per_class)
+    size = int(config.data.image_size)
+    rng = np.random.default_rng(0)
+    images = (lambda shape: rng.integers(0, 256, shape, dtype=np.uint8)) if random else (
+        lambda shape: np.zeros(shape, np.uint8))
+    return {"source_images": images((num_source, per_source, size, size, 3)),
+            "source_masks": rng.uniform(size=(num_source, per_source, size, size)) < 0.1,
+            "target_images": images((num_target, per_target, size, size, 3)),
+            "target_labels": rng.integers(-1, 2, (num_target, per_target, size, size)).astype(np.int32)}
+
+
+def step_batch(trainer, arrays: dict[str, np.ndarray], phase: int = 2, features=None) -> dict:
+    """The host batch of a step of `trainer` from `per_class_arrays`; `features`: (source, target)
+    backbone outputs per class instead of the images (a cached trainer)."""
+    from nexvitad_jax.train.batches import host_batch
+
+    source_inputs, target_inputs = features or (arrays["source_images"], arrays["target_images"])
+    target = (arrays["target_labels"], target_inputs, arrays["target_images"]) if phase == 2 else None
+    return host_batch(trainer.layout, phase, trainer.inputs, arrays["source_masks"], source_inputs, target)
+
+
+def placed_batch(trainer, batch: dict, phase: int = 2) -> dict:
+    from nexvitad_jax.train.batches import place_batch
+    from nexvitad_jax.train.step import batch_shardings
+
+    return place_batch(batch, batch_shardings(trainer.mesh, phase, trainer.inputs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes only: programs lowered (FLOPs) or compiled (memory) on abstract inputs.
+
+def abstract_trainer(config, num_source: int, num_target: int, *, feature_cache: bool = False):
+    """The config's TrainStep on one device built from shapes alone: its model is abstract
+    (nnx.eval_shape) and nothing is placed on a device or computed, so `trainer._step[phase].lower(...)`
+    gives the program's FLOPs and, compiled, its memory. Images per class: `config.train`."""
     import unittest.mock
 
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
-    from nexvitad_jax.configs import paper
     from nexvitad_jax.models.build import build_model
     from nexvitad_jax.sharding import make_mesh
     from nexvitad_jax.train.step import TrainStep, make_optimizer
 
-    config = paper.get_config()
-    config.model.hiera_checkpoint = config.model.dinov2_checkpoint = ""
     model = nnx.eval_shape(lambda: build_model(config, num_source, num_target))
     with unittest.mock.patch("jax.device_put", lambda x, *args, **kwargs: x):  # abstract values stay abstract
-        trainers = {cached: TrainStep(model, make_optimizer(1e-4, 10, 1000), make_mesh(jax.devices()[:1]),
-                                      feature_cache=cached) for cached in (False, True)}
-    trainer = trainers[False]
+        return TrainStep(model, make_optimizer(float(config.train.learning_rate), 10, 1000),
+                         make_mesh(jax.devices()[:1]), source_per_class=int(config.train.source_per_class),
+                         target_per_class=int(config.train.target_per_class),
+                         augmentation=config.train.augmentation.to_dict(), feature_cache=feature_cache)
+
+
+def abstract_state(trainer) -> dict:
+    """The train state of an `abstract_trainer` as shapes (trainable, BatchNorm statistics, Adam, step, rng)."""
+    import jax
+    import jax.numpy as jnp
+
     trainable, batch_stats = trainer._initial
-    state = {"trainable": trainable, "batch_stats": batch_stats,
-             "opt_state": jax.eval_shape(trainer.optimizer.init, trainable),
-             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    size = int(config.data.image_size)
+    return {"trainable": trainable, "batch_stats": batch_stats,
+            "opt_state": jax.eval_shape(trainer.optimizer.init, trainable),
+            "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
 
-    def images(classes):
-        return jax.ShapeDtypeStruct((classes, per_class, size, size, 3), jnp.uint8)
 
-    batch = {"source_images": images(num_source),
-             "source_masks": jax.ShapeDtypeStruct((num_source, per_class, size, size), jnp.bool_),
-             "target_images": images(num_target),
-             "target_labels": jax.ShapeDtypeStruct((num_target, per_class, size, size), jnp.int32)}
+def abstract_batch(config, trainer, phase: int = 2, features=None) -> dict:
+    """A step's uncached batch (or with `features`, per-class shapes, a cached one) as shapes."""
+    import jax
+
+    arrays = per_class_arrays(config, trainer.layout.source_classes, trainer.layout.target_classes, random=False)
+    if features is not None:
+        features = tuple(jax.tree.map(lambda f: np.zeros(f.shape, f.dtype), part) for part in features)
+    batch = step_batch(trainer, arrays, phase, features)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+
+
+def per_class_feature_shapes(trainer, state, images):
+    """The backbone outputs' shapes, per class, of images (classes, per_class, H, W, 3)."""
+    import jax
+
+    flat = jax.ShapeDtypeStruct((images.shape[0] * images.shape[1], *images.shape[2:]), images.dtype)
+    out = jax.eval_shape(trainer._backbone_features_fn, state, trainer.frozen, flat)
+    return jax.tree.map(lambda f: jax.ShapeDtypeStruct((*images.shape[:2], *f.shape[1:]), f.dtype), out)
+
+
+def xla_gflops(fn, *args) -> float:
+    """XLA's FLOP count of `fn` lowered on `args` (shapes suffice), in GFLOP. A scanned layer counts
+    once: `step_gflops` replaces the backbones' share."""
+    import jax
+
+    analysis = jax.jit(fn).lower(*args).cost_analysis()
+    return float((analysis if isinstance(analysis, dict) else analysis[0])["flops"]) / 1e9
+
+
+def backbone_gflops_per_image(config) -> float:
+    """Hiera + DINOv2 forward FLOPs per image from the model dimensions (benchmarks/backbones.py)."""
+    from benchmarks.backbones import dinov2_flops, hiera_flops
+    from nexvitad_jax.models import resolve_config
+
+    size = (int(config.data.image_size),) * 2
+    return (hiera_flops(resolve_config("hiera", config.model.hiera.to_dict()), size)
+            + dinov2_flops(resolve_config("dinov2", config.model.dinov2.to_dict()), size)) / 1e9
+
+
+def step_gflops(config, num_source: int, num_target: int, phase: int = 2) -> dict[str, float]:
+    """FLOPs of one train step of the config (shapes only): the heads' share (adapters, projections,
+    heads, forward and backward, optimizer) as XLA counts it, the backbones' (forward only: frozen)
+    from the model dimensions over every row the step runs them on."""
+    trainer = abstract_trainer(config, num_source, num_target)
+    state = abstract_state(trainer)
+    batch = abstract_batch(config, trainer, phase)
+    step = xla_gflops(functools.partial(trainer._train_step, phase=phase), state, trainer.frozen, batch)
+    backbones_xla = xla_gflops(trainer._backbone_features_fn, state, trainer.frozen, batch["images"])
+    rows = batch["images"].shape[0]
+    backbones = backbone_gflops_per_image(config) * rows
+    return {"total": step - backbones_xla + backbones, "backbones": backbones, "heads": step - backbones_xla,
+            "backbone_rows": rows, "xla_count_of_step": step}
+
+
+def paper_step_gflops(num_source: int = 11, num_target: int = 1, per_class: int = 4) -> dict[str, float]:
+    """XLA's FLOP count of the paper config's phase-2 step (Hiera-Huge + DINOv2-S at 224, an 11/1
+    split, 4 images per class) with and without the cache, from the lowered programs: shapes only,
+    nothing is placed on a device or run. (XLA counts each scanned backbone layer once.)"""
+    import jax
+
+    from nexvitad_jax.configs import paper
+
+    config = paper.get_config()
+    config.model.hiera_checkpoint = config.model.dinov2_checkpoint = ""
+    config.train.source_per_class = config.train.target_per_class = per_class
+    trainers = {cached: abstract_trainer(config, num_source, num_target, feature_cache=cached)
+                for cached in (False, True)}
+    trainer = trainers[False]
+    state = abstract_state(trainer)
+    batch = abstract_batch(config, trainer)
     features = trainer._backbone_features_fn
-    cached = {key: value for key, value in batch.items() if key != "source_images"}
-    cached["source_features"] = jax.eval_shape(features, state, trainer.frozen, batch["source_images"])
-    cached["target_features"] = jax.eval_shape(features, state, trainer.frozen, batch["target_images"])
-
-    def gflops(fn, *args) -> float:
-        analysis = jax.jit(fn).lower(*args).cost_analysis()
-        return float((analysis if isinstance(analysis, dict) else analysis[0])["flops"]) / 1e9
-
-    uncached_gflops = gflops(functools.partial(trainer._train_step, phase=2), state, trainer.frozen, batch)
-    cached_gflops = gflops(functools.partial(trainers[True]._train_step, phase=2), state, trainer.frozen, cached)
+    arrays = per_class_arrays(config, num_source, num_target, random=False)
+    per_class_features = tuple(per_class_feature_shapes(trainer, state, arrays[name])
+                               for name in ("source_images", "target_images"))
+    cached = abstract_batch(config, trainers[True], 2, per_class_features)
+    uncached_gflops = xla_gflops(functools.partial(trainer._train_step, phase=2), state, trainer.frozen, batch)
+    cached_gflops = xla_gflops(functools.partial(trainers[True]._train_step, phase=2), state, trainer.frozen, cached)
+    one_image = jax.ShapeDtypeStruct((1, *batch["images"].shape[1:]), batch["images"].dtype)
     return {"split": f"{num_source}/{num_target}", "per_class": per_class,
             "images_per_step": (num_source + 2 * num_target) * per_class,
             "uncached": uncached_gflops, "cached": cached_gflops, "ratio": uncached_gflops / cached_gflops,
-            "backbones_per_image": gflops(features, state, trainer.frozen, images(1)) / per_class}
+            "backbones_per_image": xla_gflops(features, state, trainer.frozen, one_image)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -246,121 +370,203 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--paper", action="store_true", help="the paper config (random weights) instead of tiny")
     parser.add_argument("--hiera", help="the paper config with this Hiera variant (random weights), e.g. base")
     parser.add_argument("--per-class", type=int, default=2, help="with --hiera: images per class in a step")
+    parser.add_argument("--representative", action="store_true",
+                        help="Hiera-tiny and Hiera-base + DINOv2-S, 224 px, 8 images a step, with the profile split")
     parser.add_argument("--device", action="store_true", help="running on an accelerator: skip nothing, report it")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results" / "train_step.json"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU cores for both frameworks (process affinity + torch.set_num_threads)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3 with --quick, else 10)")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/train_step.json "
+                                                    "(train_step_representative.json with --representative)")
     return parser.parse_args(argv)
+
+
+def paper_config_with(hiera: str | None = None, per_class: int | None = None, dtype: str | None = None):
+    """The paper config with random weights (speed and memory only), optionally another Hiera
+    variant, images per class and compute dtype."""
+    from nexvitad_jax.configs import paper
+
+    config = paper.get_config()
+    config.model.hiera_checkpoint = config.model.dinov2_checkpoint = ""
+    if hiera:
+        config.model.hiera = {"variant": hiera}
+    if per_class:
+        config.train.source_per_class = config.train.target_per_class = per_class
+    if dtype:
+        config.model.dtype = dtype
+    return config
 
 
 def benchmark_config(args):
     """(config, section name) of the command line: tiny, the paper's, or the paper's with another Hiera."""
-    from nexvitad_jax.configs import paper, tiny
+    from nexvitad_jax.configs import tiny
 
-    config = (paper if args.paper or args.hiera else tiny).get_config()
-    name = "tiny"
-    if args.paper or args.hiera:
-        config.model.hiera_checkpoint = config.model.dinov2_checkpoint = ""  # random weights: speed only
-        name = "paper"
     if args.hiera:
-        config.model.hiera = {"variant": args.hiera}
-        config.train.source_per_class = config.train.target_per_class = args.per_class
-        name = f"hiera-{args.hiera}-{config.data.image_size}-batch{args.per_class}"
-    return config, name
+        config = paper_config_with(args.hiera, args.per_class)
+        return config, f"hiera-{args.hiera}-{config.data.image_size}-batch{args.per_class}"
+    return (paper_config_with(), "paper") if args.paper else (tiny.get_config(), "tiny")
 
 
-def random_batch(config, num_source: int, num_target: int) -> dict[str, np.ndarray]:
-    """An uncached phase-2 batch of random images, masks and pseudo-labels."""
-    per_source, per_target = int(config.train.source_per_class), int(config.train.target_per_class)
-    size = int(config.data.image_size)
-    rng = np.random.default_rng(0)
-    return {"source_images": rng.integers(0, 256, (num_source, per_source, size, size, 3), dtype=np.uint8),
-            "source_masks": rng.uniform(size=(num_source, per_source, size, size)) < 0.1,
-            "target_images": rng.integers(0, 256, (num_target, per_target, size, size, 3), dtype=np.uint8),
-            "target_labels": rng.integers(-1, 2, (num_target, per_target, size, size)).astype(np.int32)}
-
-
-def jax_candidates(config, batch: dict[str, np.ndarray], num_source: int, num_target: int):
-    """The JAX steps to time (uncached, cached, the backbones alone) and what the setup measured:
-    compile times and the feature cache's build time and size per image."""
-    import jax
-    from flax import nnx
-
+def jax_trainer(config, num_source: int, num_target: int):
+    """(TrainStep on every device, holder of its state) of the config's model."""
     from nexvitad_jax.models.build import build_model
-    from nexvitad_jax.sharding import batch_sharding, make_mesh
-    from nexvitad_jax.train.step import TrainStep, features_from_images, make_optimizer
+    from nexvitad_jax.sharding import make_mesh
+    from nexvitad_jax.train.step import TrainStep, make_optimizer
 
-    mesh = make_mesh()
-    trainer = TrainStep(build_model(config, num_source, num_target), make_optimizer(1e-4, 10, 1000), mesh)
-    holder = {"state": trainer.init_state(0)}
-    # The same model and frozen arrays (already placed: no copy), taking cached features.
-    cached_trainer = TrainStep(trainer.model(holder["state"]), trainer.optimizer, mesh, feature_cache=True)
-    placed = jax.device_put(batch, batch_sharding(mesh))
-    measured = {}
+    trainer = TrainStep(build_model(config, num_source, num_target), make_optimizer(1e-4, 10, 1000), make_mesh(),
+                        source_per_class=int(config.train.source_per_class),
+                        target_per_class=int(config.train.target_per_class),
+                        augmentation=config.train.augmentation.to_dict())
+    return trainer, {"state": trainer.init_state(0)}
 
-    def step(step_of, step_batch):
-        def run():
-            holder["state"], metrics = step_of(holder["state"], step_batch, 2)
-            jax.block_until_ready(metrics["loss"])
-        return run
 
-    measured["jax_compile_s"] = timed(step(trainer, placed), 1)[0]
-    # The feature cache: what building it costs per image (after its compilation), then the same
-    # step on cached source and clean-target features.
-    jax.block_until_ready(trainer.backbone_features(holder["state"], placed["source_images"]))
+def step_runner(trainer, holder: dict, batch: dict, phase: int = 2):
+    """One train step on `batch`, the state carried in `holder`, until its loss is ready."""
+    import jax
+
+    def run():
+        holder["state"], metrics = trainer(holder["state"], batch, phase)
+        jax.block_until_ready(metrics["loss"])
+    return run
+
+
+def jax_profile_parts(trainer, holder: dict, placed: dict) -> dict:
+    """Parts of the phase-2 step to time on their own: the backbones on the step's rows, the heads'
+    forward pass and loss (backbone outputs given), and that with its backward pass. They read the
+    holder's current state (each step donates the one before)."""
+    import jax
+
+    losses = functools.partial(trainer._losses, phase=2)
+    features = trainer.backbone_features(holder["state"], placed["images"])
+    _, transforms = jax.jit(trainer.augmented_view)(placed, jax.random.key(0))
+    forward, forward_backward = jax.jit(losses), jax.jit(jax.value_and_grad(losses, has_aux=True))
+
+    def heads(fn):
+        state = holder["state"]
+        return jax.block_until_ready(fn(state["trainable"], state["batch_stats"], trainer.frozen, features, placed,
+                                        transforms))
+
+    parts = {"backbones": lambda: jax.block_until_ready(trainer.backbone_features(holder["state"], placed["images"])),
+             "heads_forward": lambda: heads(forward), "heads_forward_backward": lambda: heads(forward_backward)}
+    for run in parts.values():  # compile
+        run()
+    return parts
+
+
+def feature_cache_candidate(trainer, holder: dict, config, arrays: dict) -> tuple:
+    """The same step on cached features (the same model and frozen arrays, already placed: no copy)
+    and what the cache costs: its build time and host bytes per image, the cached step's compile time."""
+    import jax
+
+    from nexvitad_jax.sharding import row_sharding
+    from nexvitad_jax.train.batches import place
+    from nexvitad_jax.train.step import TrainStep
+
+    cached_trainer = TrainStep(trainer.model(holder["state"]), trainer.optimizer, trainer.mesh,
+                               source_per_class=trainer.layout.per_source, target_per_class=trainer.layout.per_target,
+                               augmentation=config.train.augmentation.to_dict(), feature_cache=True)
+
+    def features_of(images):  # (classes, per_class, ...) -> their backbone outputs, per class, on the host
+        flat = place(images.reshape(-1, *images.shape[2:]), row_sharding(trainer.mesh))
+        out = jax.device_get(trainer.backbone_features(holder["state"], flat))
+        return jax.tree.map(lambda f: f.reshape(*images.shape[:2], *f.shape[1:]), out)
+
+    features_of(arrays["source_images"])  # compile
     began = time.perf_counter()
-    source_features = jax.block_until_ready(trainer.backbone_features(holder["state"], placed["source_images"]))
-    measured["build_s_per_image"] = (time.perf_counter() - began) / (num_source * batch["source_images"].shape[1])
-    measured["host_bytes_per_image"] = cache_bytes_per_image(source_features)
-    cached = {key: value for key, value in placed.items() if key != "source_images"}
-    cached["source_features"] = source_features
-    cached["target_features"] = trainer.backbone_features(holder["state"], placed["target_images"])
-    measured["cached_step_compile_s"] = timed(step(cached_trainer, cached), 1)[0]
+    source_features = features_of(arrays["source_images"])
+    measured = {"build_s_per_image": (time.perf_counter() - began) / np.prod(arrays["source_images"].shape[:2]),
+                "host_bytes_per_image": cache_bytes_per_image(jax.tree.map(
+                    lambda f: f.reshape(-1, *f.shape[2:]), source_features))}
+    cached = placed_batch(cached_trainer, step_batch(cached_trainer, arrays, 2, (
+        source_features, features_of(arrays["target_images"]))))
+    run = step_runner(cached_trainer, holder, cached)
+    measured["cached_step_compile_s"] = timed(run, 1)[0]
+    return run, measured
 
-    # Backbone share of the step (an upper bound on what any feature cache can save).
-    augmented, _ = jax.jit(trainer.augmented_view)(placed, jax.random.key(0))
-    backbone = jax.jit(lambda state, frozen, images, view: features_from_images(
-        nnx.merge(trainer.graphdef, state["trainable"], state["batch_stats"], frozen), images, ("source", "target"),
-        view))
 
-    def backbone_only():
-        jax.block_until_ready(backbone(holder["state"], trainer.frozen, placed, augmented))
-
-    backbone_only()
-    candidates = {"jax": step(trainer, placed), "jax_feature_cache": step(cached_trainer, cached),
-                  "jax_backbone_forward_only": backbone_only}
+def jax_candidates(config, arrays: dict[str, np.ndarray], num_source: int, num_target: int, *,
+                   feature_cache: bool = True, profile: bool = False):
+    """The JAX steps to time (uncached; with `feature_cache` the cached step; the backbones alone,
+    and with `profile` the heads' forward and backward alone) and what the setup measured."""
+    trainer, holder = jax_trainer(config, num_source, num_target)
+    placed = placed_batch(trainer, step_batch(trainer, arrays))
+    candidates = {"jax": step_runner(trainer, holder, placed)}
+    measured = {"jax_compile_s": timed(candidates["jax"], 1)[0]}
+    if feature_cache:
+        candidates["jax_feature_cache"], cache_measured = feature_cache_candidate(trainer, holder, config, arrays)
+        measured |= cache_measured
+    parts = jax_profile_parts(trainer, holder, placed)
+    candidates["jax_backbone_forward_only"] = parts.pop("backbones")
+    if profile:
+        candidates |= {f"jax_{name}": run for name, run in parts.items()}
     return candidates, measured
 
 
-def torch_candidates(config, batch: dict[str, np.ndarray], num_source: int, num_target: int, compile_too: bool):
-    """The PyTorch reference's steps to time (eager, torch.compile) and torch.compile's compile time."""
+def torch_batch(arrays: dict[str, np.ndarray], device: str) -> tuple:
+    """The reference step's arguments: NCHW float images, masks, pseudo-labels and the augmentation's
+    draws (flip, rotation, scale per target image)."""
     import torch
 
-    per_source, per_target = int(config.train.source_per_class), int(config.train.target_per_class)
-    size = int(config.data.image_size)
+    size = arrays["source_images"].shape[2]
+    images = lambda name: torch.from_numpy(arrays[name].reshape(-1, size, size, 3)).permute(0, 3, 1, 2).float() / 255
+    count = int(np.prod(arrays["target_images"].shape[:2]))
+    args = (images("source_images"), torch.from_numpy(arrays["source_masks"].reshape(-1, size, size)).long(),
+            images("target_images"), torch.from_numpy(arrays["target_labels"].reshape(-1, size, size)).long(),
+            torch.rand(count) < 0.5, torch.randint(0, 4, (count,)), torch.ones(count))
+    return tuple(arg.to(device) for arg in args)
+
+
+def torch_backbones(model, images, device: str, autocast: bool):
+    """The reference's frozen backbones alone on the step's images (as its step runs them)."""
+    import torch
+
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+        model.hiera(images, output_hidden_states=True)
+        model.dino(images)
+
+
+def torch_candidates(config, arrays: dict[str, np.ndarray], num_source: int, num_target: int, *,
+                     device: str = "cpu", autocast: bool = False, profile: bool = False) -> tuple[dict, dict]:
+    """The PyTorch reference's eager step to time (with `profile` also the backbones alone and the
+    forward pass alone), warmed up, and the eager step's parts for `torch_compiled`."""
+    import torch
+
     torch.manual_seed(0)
-    torch_model = torch_reference(config, num_source, num_target).train()
-    optimizer = torch.optim.Adam([p for p in torch_model.parameters() if p.requires_grad], lr=1e-4)
-    step = torch_step_fn(torch_model, optimizer, num_source, num_target, per_source, per_target)
-    t_args = (torch.from_numpy(batch["source_images"].reshape(-1, size, size, 3)).permute(0, 3, 1, 2).float() / 255,
-              torch.from_numpy(batch["source_masks"].reshape(-1, size, size)).long(),
-              torch.from_numpy(batch["target_images"].reshape(-1, size, size, 3)).permute(0, 3, 1, 2).float() / 255,
-              torch.from_numpy(batch["target_labels"].reshape(-1, size, size)).long(),
-              torch.rand(num_target * per_target) < 0.5, torch.randint(0, 4, (num_target * per_target,)),
-              torch.ones(num_target * per_target))
-    step(*t_args)  # warm-up
-    candidates = {"torch_eager": lambda: step(*t_args)}
-    torch_compile_s = None
-    if compile_too:
-        compiled = torch.compile(step)
-        began = time.perf_counter()
-        try:
-            compiled(*t_args)
-            candidates["torch_compile"] = lambda: compiled(*t_args)
-        except Exception as error:  # report, do not hide
-            print(f"torch.compile failed: {error}", file=sys.stderr)
-        torch_compile_s = time.perf_counter() - began
-    return candidates, torch_compile_s
+    with torch.device(device):  # initialized where it runs (seconds for Hiera-Huge on a GPU, not a minute)
+        model = torch_reference(config, num_source, num_target).train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    make = functools.partial(torch_step_fn, model, optimizer, num_source, num_target,
+                             int(config.train.source_per_class), int(config.train.target_per_class), device=device,
+                             autocast=autocast)
+    args = torch_batch(arrays, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    calls = {"torch_eager": make()}
+    if profile:
+        calls["torch_heads_forward"] = make(train=False)  # the backbones included: subtracted in the split
+        images = torch.cat([args[0], args[2], args[2]])
+        calls["torch_backbone_forward_only"] = lambda *_: torch_backbones(model, images, device, autocast)
+    candidates = {}
+    for name, call in calls.items():
+        call(*args)  # warm-up
+        candidates[name] = lambda call=call: (call(*args), sync())
+    return candidates, {"step": calls["torch_eager"], "args": args, "sync": sync}
+
+
+def torch_compiled(step: dict) -> tuple:
+    """torch.compile of the reference's step (`torch_candidates`' second value): (the step to time
+    or None where compilation failed, its compile time, the error)."""
+    import torch
+
+    compiled = torch.compile(step["step"])
+    began = time.perf_counter()
+    try:
+        compiled(*step["args"])
+    except Exception as error:  # report, do not hide
+        print(f"torch.compile failed: {error}", file=sys.stderr)
+        return None, time.perf_counter() - began, f"{type(error).__name__}: {error}"[:2000]
+    return (lambda: (compiled(*step["args"]), step["sync"]())), time.perf_counter() - began, None
 
 
 def feature_cache_section(median: dict[str, float], measured: dict[str, float], images_per_step: int,
@@ -393,45 +599,95 @@ def write_section(out: Path, name: str, result: dict) -> None:
     out.write_text(json.dumps(sections, indent=2) + "\n")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def profile_split(median: dict[str, float]) -> dict:
+    """Where each framework's step time goes (seconds; the parts were timed on their own)."""
+    split = {}
+    if "jax_heads_forward_backward" in median:
+        split["jax"] = {"backbones": median["jax_backbone_forward_only"], "heads_forward": median["jax_heads_forward"],
+                        "heads_backward": median["jax_heads_forward_backward"] - median["jax_heads_forward"],
+                        "optimizer_augmentation_rest": median["jax"] - median["jax_backbone_forward_only"]
+                        - median["jax_heads_forward_backward"], "step": median["jax"]}
+    if "torch_heads_forward" in median:
+        split["torch_eager"] = {
+            "backbones": median["torch_backbone_forward_only"],
+            "heads_forward_augmentation": median["torch_heads_forward"] - median["torch_backbone_forward_only"],
+            "backward_optimizer": median["torch_eager"] - median["torch_heads_forward"], "step": median["torch_eager"]}
+    return split
+
+
+STEPS = ("jax", "jax_feature_cache", "torch_eager", "torch_compile")  # candidates that are whole steps
+
+
+def measure(config, name: str, *, rounds: int, torch_too: bool, compile_too: bool, feature_cache: bool,
+            profile: bool) -> dict:
+    """One configuration on this machine's default device: the candidates side by side."""
     import jax
 
-    config, name = benchmark_config(args)
-    num_source, num_target = 2, 1
-    per_target = int(config.train.target_per_class)
-    images_per_step = num_source * int(config.train.source_per_class) + 2 * num_target * per_target
-    rounds = 3 if args.quick else 10
-    batch = random_batch(config, num_source, num_target)
-    candidates, measured = jax_candidates(config, batch, num_source, num_target)
-    torch_compile_s = None
-    if not args.no_torch:
-        torch_steps, torch_compile_s = torch_candidates(config, batch, num_source, num_target, not args.no_compile)
-        candidates |= torch_steps
-    times = {candidate: [] for candidate in candidates}
-    for _ in range(rounds):  # alternate candidates each round
-        for candidate, fn in candidates.items():
-            times[candidate] += timed(fn, 1)
-    median = {candidate: statistics.median(t) for candidate, t in times.items()}
+    from benchmarks.backbones import time_side_by_side
 
-    result = {
-        "config": name, "image_size": int(config.data.image_size), "hiera": config.model.hiera.to_dict(),
-        "dinov2": config.model.dinov2.to_dict(), "images_per_step": images_per_step, "rounds": rounds,
-        "device": str(jax.devices()[0]), "platform": platform.platform(), "cpu_cores": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0], "jax_compile_s": measured["jax_compile_s"], "median_step_s": median,
-        "images_per_s": {candidate: images_per_step / t for candidate, t in median.items()
-                         if candidate != "jax_backbone_forward_only"},
-        "feature_cache": feature_cache_section(median, measured, images_per_step, num_target * per_target),
-    }
-    if not args.no_torch:
+    arrays = per_class_arrays(config, *SPLIT)
+    images_per_step = SPLIT[0] * int(config.train.source_per_class) + 2 * SPLIT[1] * int(config.train.target_per_class)
+    candidates, measured = jax_candidates(config, arrays, *SPLIT, feature_cache=feature_cache, profile=profile)
+    compile_info = {"jax_compile_s": measured["jax_compile_s"]}
+    if torch_too:
+        torch_steps, eager = torch_candidates(config, arrays, *SPLIT, profile=profile)
+        candidates |= torch_steps
+        if compile_too:
+            compiled, compile_info["torch_compile_s"], compile_info["torch_compile_error"] = torch_compiled(eager)
+            if compiled:
+                candidates["torch_compile"] = compiled
+    # Wall and process CPU time, the candidates taking turns every round (on a shared machine the
+    # CPU time is the stable figure: benchmarks/backbones.py says why).
+    median, cpu_median = time_side_by_side(candidates, rounds)
+    gflops = step_gflops(config, *SPLIT)
+    result = {"config": name, "image_size": int(config.data.image_size), "hiera": config.model.hiera.to_dict(),
+              "dinov2": config.model.dinov2.to_dict(), "split": f"{SPLIT[0]}/{SPLIT[1]}",
+              "images_per_step": images_per_step, "rounds": rounds, "device": str(jax.devices()[0]),
+              "platform": platform.platform(), "cpu_cores": len(os.sched_getaffinity(0)),
+              "load_average_1min": os.getloadavg()[0], **compile_info, "median_step_s": median,
+              "images_per_s": {c: images_per_step / median[c] for c in STEPS if c in median},
+              "step_gflops": gflops,
+              "achieved_gflop_per_s": {c: gflops["total"] / median[c] for c in STEPS if c in median},
+              "median_step_cpu_s": cpu_median}
+    for reference in ("torch_eager", "torch_compile"):
+        if reference in median:
+            result[f"ratio_jax_over_{reference}"] = median[reference] / median["jax"]
+            result[f"ratio_jax_over_{reference}_cpu_time"] = cpu_median[reference] / cpu_median["jax"]
+    if torch_too:
         import torch
 
         result["torch_threads"] = torch.get_num_threads()
-        result["ratio_jax_over_torch_eager"] = median["torch_eager"] / median["jax"]
-        if "torch_compile" in median:
-            result["ratio_jax_over_torch_compile"] = median["torch_compile"] / median["jax"]
-            result["torch_compile_s"] = torch_compile_s
-    write_section(Path(args.out), name, result)
+    if feature_cache:
+        result["feature_cache"] = feature_cache_section(median, measured, images_per_step,
+                                                        SPLIT[1] * int(config.train.target_per_class))
+    if profile:
+        result["profile_s"] = profile_split(median)
+        result["profile_cpu_s"] = profile_split(cpu_median)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:  # before jax starts its thread pool (it sizes it by the affinity)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 10)
+    options = dict(torch_too=not args.no_torch, compile_too=not args.no_compile)
+    if args.representative:
+        out = Path(args.out or REPO_ROOT / "benchmarks" / "results" / "train_step_representative.json")
+        for hiera in ("tiny", "base"):
+            name = f"hiera-{hiera}+dinov2-small-224-8-images"
+            result = measure(paper_config_with(hiera, per_class=2), name, rounds=rounds, feature_cache=False,
+                             profile=True, **options)
+            result["command"] = "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            write_section(out, name, result)
+            print(json.dumps(result, indent=2), flush=True)
+        return 0
+    config, name = benchmark_config(args)
+    result = measure(config, name, rounds=rounds, feature_cache=True, profile=False, **options)
+    write_section(Path(args.out or REPO_ROOT / "benchmarks" / "results" / "train_step.json"), name, result)
     print(json.dumps(result, indent=2))
     return 0
 

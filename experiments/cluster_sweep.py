@@ -3,14 +3,18 @@ beyond, on the model trained per split and seed.
 
 Per target class, `fit_memory_banks` fits every K with ONE compiled `sweep_k` per layer (its run
 for K equals `sinkhorn_kmeans` with that K; the rng is the main job's, so the config's K reproduces
-the main job's memory bank); the test features are extracted once and scored against each K's
-prototypes. A layer's bank holds M x h_n x w_n patch features: a K above that count is capped to
-it on that layer (the bank then keeps every patch as a prototype), and the tables list every cap.
+the main job's memory bank); each batch of test images is extracted once and scored against each
+K's prototypes. Like the main job, a run spreads its images over every device it sees (and
+`--devices-per-run` runs several runs at once, each on its own devices). A layer's bank holds
+M x h_n x w_n patch features: a K above that count is capped to it on that layer (the bank then
+keeps every patch as a prototype), and the tables list every cap.
 At the tiny config (64 px, M = 4) the layers hold 1024, 256, 64 and 16 patches.
 
     python -m experiments.cluster_sweep --config tiny --out runs/cluster_sweep
     python -m experiments.cluster_sweep --config paper --data PATH/TO/mvtec \\
         --out runs/cluster_sweep-paper --ks 5,10,20,30,40,64,128 --shard 0/2   # then --aggregate-only
+    python -m experiments.cluster_sweep --config paper --data PATH/TO/mvtec \
+        --out runs/cluster_sweep-paper --ks 5,10,20,30,40,64,128 --devices-per-run 1   # 8 runs at once on 8 GPUs
 
 Writes OUT/cluster_sweep.json, .md and OUT/cluster_sweep.png (metric vs K, one line per split).
 """
@@ -45,14 +49,16 @@ def layer_report(bank_features: Sequence, banks: dict, ks: Sequence[int]) -> lis
 
 
 def fit_banks(extractor, normal: np.ndarray, ks: Sequence[int], *, config, seed: int) -> tuple[dict, list[dict]]:
-    """The memory banks of every K from the normal images (uint8): {K: MemoryBank}, layer report.
-    The rng is the main job's, so the config's K reproduces the main job's memory bank."""
+    """The memory banks of every K from the normal images (uint8), their features extracted over the
+    extractor's mesh: {K: MemoryBank}, layer report. The rng is the main job's, so the config's K
+    reproduces the main job's memory bank."""
     import jax
 
     from nexvitad_jax.inference import fit_memory_banks
     from nexvitad_jax.inference.batching import map_batches
 
-    features = map_batches(extractor, normal.astype(np.float32) / 255.0, int(config.eval.batch_size), to_host=False)
+    features = map_batches(extractor, normal.astype(np.float32) / 255.0, int(config.eval.batch_size), extractor.mesh,
+                           to_host=False)
     banks = fit_memory_banks(features, ks, rng=jax.random.key(seed), cap_to_bank=True, **config.bank.kmeans.to_dict())
     return banks, layer_report(features, banks, ks)
 
@@ -67,20 +73,21 @@ def sweep_class(extractor, config, dataset, category: str, seed: int, ks: Sequen
     """Metrics of one target class for every K."""
     from nexvitad_jax.data import few_shot_images
     from nexvitad_jax.inference.anomaly_maps import anomaly_maps
-    from nexvitad_jax.inference.batching import map_batches
+    from nexvitad_jax.inference.batching import map_batches, replicate
     from nexvitad_jax.metrics import evaluate_maps
 
-    batch_size = int(config.eval.batch_size)
     normal = few_shot_images(dataset, category, int(config.data.few_shot), seed)
     banks, layers = fit_banks(extractor, normal, ks, config=config, seed=seed)
     test = dataset.load(category, "test")
-    test_features = map_batches(extractor, test.images.astype(np.float32) / 255.0, batch_size, to_host=False)
-    per_k = {}
-    for k in ks:
-        maps, scores = map_batches(
-            lambda features: anomaly_maps(features, banks[k].prototypes, image_size=tuple(test.images.shape[1:3]),
-                                          sigma=float(config.bank.sigma)), test_features, batch_size)
-        per_k[str(k)] = evaluate_maps(maps, test.masks, scores, test.labels)
+    prototypes = replicate({str(k): banks[k].prototypes for k in ks}, extractor.mesh)
+    size, sigma = tuple(test.images.shape[1:3]), float(config.bank.sigma)
+
+    def maps_of(batch):  # a batch's features once, scored against every K's prototypes
+        features = extractor(batch)
+        return {k: anomaly_maps(features, layers_k, image_size=size, sigma=sigma) for k, layers_k in prototypes.items()}
+
+    maps = map_batches(maps_of, test.images.astype(np.float32) / 255.0, int(config.eval.batch_size), extractor.mesh)
+    per_k = {k: evaluate_maps(maps[k][0], test.masks, maps[k][1], test.labels) for k in prototypes}
     return {"per_k": per_k, "layers": layers}
 
 

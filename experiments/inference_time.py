@@ -1,7 +1,8 @@
 """The paper's inference-time comparison (Fig. 9): latency of memory-bank inference per batch for
 batch sizes 1..15 and K = 5..40 prototypes per layer.
 
-Latency of one batch = host images -> device, the encoder's features F_1..F_4 (the feature
+Latency of one batch = host images -> devices (spread over every device the run sees, the batch
+padded to a multiple of their count as in all inference), the encoder's features F_1..F_4 (the feature
 extraction the paper counts in), nearest-prototype distances on every layer, upsampling, averaging,
 Gaussian smoothing and image scores, until the results are ready (`block_until_ready`). Each
 (batch, K) is the median of --repeats calls after --warmup calls (compilation happens in the
@@ -16,7 +17,8 @@ layers hold at least K patches; a layer with fewer is capped and the table says 
     python -m experiments.inference_time --config paper --data PATH/TO/mvtec \\
         --out runs/inference_time-paper --batches 1,5,10,15 --ks 5,10,20,30,40
 
-One run per batch size (so --shard splits them, but latencies are only comparable on one host).
+One run per batch size (so --shard splits them, but latencies are only comparable on one host, and
+runs at once with --devices-per-run would disturb each other's timings: leave it off).
 Writes OUT/inference_time.json, .md (median ms per batch x K) and OUT/inference_time.png.
 """
 
@@ -62,12 +64,12 @@ def latencies_ms(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int)
 def execute(workdir: Path, progress: bool, *, config, data: str, category: str | None, batch: int,
             ks: Sequence[int], warmup: int, repeats: int) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
 
     from experiments.cluster_sweep import cap_lines, fit_banks
     from nexvitad_jax.data import open_dataset, protocol_classes
     from nexvitad_jax.inference import EncoderFeatureExtractor
     from nexvitad_jax.inference.anomaly_maps import anomaly_maps
+    from nexvitad_jax.inference.batching import global_batch_size, padded_batches, replicate
     from nexvitad_jax.models.build import build_model
 
     dataset = open_dataset(data, image_size=int(config.data.image_size))
@@ -79,20 +81,23 @@ def execute(workdir: Path, progress: bool, *, config, data: str, category: str |
     extractor = EncoderFeatureExtractor.from_config(model, config.bank)
     normal = dataset.load(category, "train").images
     banks, layers = fit_banks(extractor, normal, ks, config=config, seed=int(config.seed))
-    prototypes = {k: banks[k].prototypes for k in ks}
+    prototypes = replicate({k: banks[k].prototypes for k in ks}, extractor.mesh)
     test = dataset.load(category, "test").images
     images = (test[np.arange(batch) % len(test)].astype(np.float32) / 255.0)
     size = tuple(images.shape[1:3])
     sigma = float(config.bank.sigma)
-    features = extractor(jnp.asarray(images))
-    calls = {"extract": lambda: extractor(jnp.asarray(images))}
+
+    def placed():  # the batch's host images onto the devices, spread over them
+        return next(padded_batches(images, batch, extractor.mesh))[1]
+
+    features = extractor(placed())
+    calls = {"extract": lambda: extractor(placed())}
     for k in ks:
-        calls[f"total {k}"] = lambda k=k: anomaly_maps(extractor(jnp.asarray(images)), prototypes[k], image_size=size,
-                                                       sigma=sigma)
+        calls[f"total {k}"] = lambda k=k: anomaly_maps(extractor(placed()), prototypes[k], image_size=size, sigma=sigma)
         calls[f"maps {k}"] = functools.partial(anomaly_maps, features, prototypes[k], image_size=size, sigma=sigma)
     timings = latencies_ms(calls, warmup, repeats)
-    result = {"category": category, "batch": batch, "bank_images": len(normal), "capped": cap_lines(ks, layers),
-              "extract_ms": timings["extract"],
+    result = {"category": category, "batch": batch, "rows_per_batch": global_batch_size(batch, extractor.mesh),
+              "bank_images": len(normal), "capped": cap_lines(ks, layers), "extract_ms": timings["extract"],
               "per_k": {str(k): {"total_ms": timings[f"total {k}"], "maps_ms": timings[f"maps {k}"]} for k in ks}}
     result["device"] = {"kind": jax.devices()[0].device_kind, "count": jax.device_count(),
                         "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg())}

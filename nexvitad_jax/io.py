@@ -1,5 +1,6 @@
 """Writing results so that a reader, or a resumed run, never sees a file half-written; on several
-hosts only process 0 writes (every process computes the same results)."""
+hosts only process 0 writes (every process holds the same results: the maps computed over every
+device are gathered onto every process before the metrics)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,11 @@ path, timings), `results.md` (a Table 1 row and the per-class table), `heatmaps/
 (original | ground truth | heatmaps, the paper's Fig. 4) and `maps/CLASS.METHOD.npz` (the anomaly
 maps, for `nexvitad evaluate`). Every stage is resumable: training from its checkpoints, inference per
 target class from the files it already wrote.
+
+Every stage uses every device of every host (one mesh, `nexvitad_jax.sharding`): training shards its
+batches, the memory bank is extracted from the normal images spread over the devices, and the test
+images are scored spread over them too; the maps are gathered once per class for the metrics, and
+process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class RunSpec:
     target: str | Sequence[str] | None = None
     seed: int | None = None  # None: the config's
     methods: tuple[str, ...] = METHODS
+    target_data: str | None = None  # the target classes' dataset, when it is not `data` (cross-dataset)
 
     def resolved(self):
         """(the config with the run's seed, the seed); unknown methods are refused."""
@@ -73,6 +79,7 @@ class TargetContext:
     decoder: Any  # DecoderBaseline, or None when the decoder path is not asked for
     progress: bool
     log: Callable[[str], None]
+    mesh: Any  # the devices scoring spreads its images over (the extractor's and decoder's)
 
 
 # ----------------------------------------------------------------------------- the workdir
@@ -106,7 +113,7 @@ def memory_bank_maps(context: TargetContext, category: str, images: np.ndarray, 
     normal = few_shot_images(context.dataset, category, int(config.data.few_shot), context.seed)
     detector = AnomalyDetector(context.extractor, k=int(config.bank.k), sigma=float(config.bank.sigma),
                                seed=context.seed, batch_size=int(config.eval.batch_size),
-                               kmeans_options=config.bank.kmeans.to_dict())
+                               kmeans_options=config.bank.kmeans.to_dict(), mesh=context.mesh)
     detector.fit(normal.astype(np.float32) / 255.0, bar)
     unconverged = detector.memory_bank.unconverged_layers()
     if unconverged:
@@ -179,16 +186,18 @@ def _format(value) -> str:
 
 def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print) -> dict[str, Any]:
     """The whole protocol for one (config, data, split, seed); returns what metrics.json holds."""
-    from nexvitad_jax.data import open_dataset, protocol_classes, resolve_split
-    from nexvitad_jax.inference import DecoderBaseline, EncoderFeatureExtractor
+    from nexvitad_jax.data import open_dataset, split_classes
+    from nexvitad_jax.sharding import make_mesh
     from nexvitad_jax.train import train
 
     config, seed = spec.resolved()
     workdir, began, timings = Path(workdir), time.perf_counter(), {}
-    dataset = open_dataset(spec.data, image_size=int(config.data.image_size))
-    source, target = resolve_split(protocol_classes(dataset.classes), spec.split, spec.target, seed)
+    dataset = open_dataset(spec.data, image_size=int(config.data.image_size), target_spec=spec.target_data)
+    source, target = split_classes(dataset, spec.split, spec.target, seed)
     identity = {"format": RESULT_FORMAT_VERSION, "config": config_dict(config), "data": str(spec.data),
                 "source": source, "target": target, "seed": seed}
+    if spec.target_data is not None:
+        identity["target_data"] = str(spec.target_data)
     workdir.mkdir(parents=True, exist_ok=True)
     key = claim_workdir(workdir, identity)
     log(f"nexvitad run: {len(source)} source classes {source} -> target {target} (seed {seed}); workdir {workdir}")
@@ -198,11 +207,7 @@ def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print)
     tick = time.perf_counter()
     trained = train(config, dataset, source, target, workdir / "train", progress=progress)
     timings["train_s"] = time.perf_counter() - tick
-    context = TargetContext(
-        config, dataset, seed, tuple(spec.methods),
-        EncoderFeatureExtractor.from_config(trained.model, config.bank, identity={"run": key}),
-        DecoderBaseline(trained.model, batch_size=int(config.eval.batch_size)) if "decoder" in spec.methods else None,
-        progress, log)
+    context = target_context(config, dataset, seed, spec.methods, trained.model, key, progress, log, make_mesh())
     per_class = score_target_classes(context, target, workdir)
     timings["inference_s"] = time.perf_counter() - tick - timings["train_s"]
     timings["total_s"] = time.perf_counter() - began
@@ -211,11 +216,22 @@ def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print)
     return results
 
 
+def target_context(config, dataset, seed: int, methods, model, key: str, progress: bool, log, mesh) -> TargetContext:
+    """The inference paths of the trained `model` on `mesh`, for scoring the target classes."""
+    from nexvitad_jax.inference import DecoderBaseline, EncoderFeatureExtractor
+
+    extractor = EncoderFeatureExtractor.from_config(model, config.bank, identity={"run": key}, mesh=mesh)
+    decoder = (DecoderBaseline(model, batch_size=int(config.eval.batch_size), mesh=mesh)
+               if "decoder" in methods else None)
+    return TargetContext(config, dataset, seed, tuple(methods), extractor, decoder, progress, log, mesh)
+
+
 def run_results(spec: RunSpec, config, seed: int, source, target, trained, per_class, timings) -> dict[str, Any]:
     """What metrics.json holds."""
     from nexvitad_jax.metrics import mean_metrics
 
-    return {"format": RESULT_FORMAT_VERSION, "data": str(spec.data), "seed": seed, "source": source,
+    return {"format": RESULT_FORMAT_VERSION, "data": str(spec.data), "target_data": spec.target_data,
+            "seed": seed, "source": source,
             "target": target, "split": f"{len(source)}/{len(target)}", "methods": list(spec.methods),
             "random_backbones": uses_random_backbones(config), "train_steps": trained.steps,
             "train_last_metrics": trained.last_metrics, "per_class": per_class,
@@ -252,6 +268,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--split", default=None,
                         help="SOURCE/TARGET class counts, e.g. 11/1 (default: all classes but one as source)")
     parser.add_argument("--target", default=None, help="fix the target classes, e.g. hazelnut or bottle,cable")
+    parser.add_argument("--target-data", default=None,
+                        help="take the target classes from this dataset (cross-dataset run; --data gives the "
+                             "source classes)")
     parser.add_argument("--seed", type=int, default=None, help="split, few-shot images and init (default: config)")
     parser.add_argument("--workdir", default="runs/default", help="outputs and checkpoints (default runs/default)")
     parser.add_argument("--methods", default=",".join(METHODS),
@@ -268,7 +287,8 @@ def main(argv: list[str]) -> int:
     config = load_config(args.config, args.overrides)
     initialize_distributed()
     spec = RunSpec(config, data=args.data, split=args.split, target=args.target, seed=args.seed,
-                   methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+                   methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                   target_data=args.target_data)
     results = run(spec, args.workdir, progress=not args.no_progress,
                   log=lambda message: print(message, file=sys.stderr))
     print(results_markdown(results))

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from nexvitad_jax.data import CategoryArrays, open_dataset
-from nexvitad_jax.data import mvtec
+from nexvitad_jax.data import decode, mvtec
 from nexvitad_jax.errors import UserInputError
 
 
@@ -71,8 +71,8 @@ def test_real_sample_resized_matches_pillow_reference(mvtec_reduced, tmp_path):
 def test_second_load_does_not_decode(mvtec_reduced, tmp_path, monkeypatch):
     first = open_dataset(mvtec_reduced, image_size=64, cache_dir=tmp_path).load("transistor", "test")
     calls = []
-    real_decode = mvtec.decode_image
-    monkeypatch.setattr(mvtec, "decode_image", lambda *a, **k: calls.append(a) or real_decode(*a, **k))
+    real_decode = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda *a, **k: calls.append(a) or real_decode(*a, **k))
     again = open_dataset(mvtec_reduced, image_size=64, cache_dir=tmp_path)
     second = again.load("transistor", "test")
     assert again.load("transistor", "test") is second  # in memory too
@@ -169,7 +169,7 @@ def test_tar_xz_equals_folder_and_is_cached(tmp_path, monkeypatch, prefix, inter
             np.testing.assert_array_equal(a.labels, b.labels)
             assert a.defect_types == b.defect_types
             assert b.paths[0].startswith(f"{archive_path.resolve()}::{prefix}{category}/{split}/")
-    monkeypatch.setattr(mvtec, "decode_image", lambda *a, **k: pytest.fail("decoded twice"))
+    monkeypatch.setattr(decode, "decode_image", lambda *a, **k: pytest.fail("decoded twice"))
     monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("archive reopened"))
     cached = mvtec.MVTecDataset(archive_path, image_size=24, cache_dir=tmp_path / "c2")
     assert len(cached.load("alpha", "test")) == 5
@@ -258,7 +258,7 @@ def test_bad_sources(tmp_path):
     with pytest.raises(UserInputError, match="not a tar archive"):
         open_dataset(tmp_path / "notes.txt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserInputError, match="no MVTec category found"):
+    with pytest.raises(UserInputError, match="empty: no dataset layout recognized"):
         _ = open_dataset(tmp_path / "empty", cache_dir=tmp_path / "c").classes
     with pytest.raises(UserInputError, match="image_size"):
         open_dataset("synthetic", image_size=0)

@@ -52,6 +52,10 @@ def test_builder_from_archive_and_second_prepare_does_not_decode(tmp_path, monke
     _assert_same(arrays, open_dataset(archive, image_size=40, cache_dir=tmp_path / "npz").load("beta", "test"))
     assert arrays.defect_types == ["crack", "crack", "good", "hole", "hole"]
 
+    direct = tfds_mvtec.prepare(archive, "alpha", tmp_path / "tfds", image_size=40)  # the archive file itself
+    _assert_same(tfds_mvtec.to_category_arrays(direct.as_data_source(split="test")),
+                 open_dataset(archive, image_size=40, cache_dir=tmp_path / "npz").load("alpha", "test"))
+
     monkeypatch.setattr(tfds_mvtec, "decode_example", lambda *a, **k: pytest.fail("decoded twice"))
     again = tfds_mvtec.prepare(archive.parent, "beta", tmp_path / "tfds", image_size=40)
     assert len(again.as_data_source(split="train")) == 3
@@ -60,7 +64,48 @@ def test_builder_from_archive_and_second_prepare_does_not_decode(tmp_path, monke
 def test_manual_dir_without_the_category(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "readme.txt").write_text("no images here")
-    with pytest.raises(UserInputError, match="no such MVTec folder"):
+    with pytest.raises(UserInputError, match="no such dataset folder, archive or folder spec"):
         tfds_mvtec.prepare(tmp_path / "missing", "hazelnut", tmp_path / "tfds")
-    with pytest.raises(UserInputError, match="no MVTec category 'hazelnut' found"):
+    with pytest.raises(UserInputError, match="no category .hazelnut. found"):
         tfds_mvtec.prepare(tmp_path / "src", "hazelnut", tmp_path / "tfds", image_size=32)
+
+
+# ----------------------------------------------------------------------------- every other layout
+
+
+def _same_as_open_dataset(builder, root, category, size, tmp_path):
+    reference = open_dataset(root, image_size=size, cache_dir=tmp_path / "npz")
+    for split in reference.counts(category):
+        arrays = tfds_mvtec.to_category_arrays(builder.as_data_source(split=split))
+        _assert_same(arrays, reference.load(category, split))
+        np.testing.assert_array_equal(arrays.mask_known, reference.load(category, split).mask_known)
+    return reference
+
+
+@pytest.mark.parametrize("name, category, builder_name", [
+    ("mvtec3d", "cookie", "industrial_ad/mvtec_3d_cookie_16"), ("loco", "pushpins", "industrial_ad/mvtec_loco_pushpins_16"),
+    ("btad", "01", "industrial_ad/btad_01_16"), ("visa", "candle", "industrial_ad/visa_candle_16"),
+    ("mpdd", "metal_plate", "mvtec_ad/metal_plate_16"),
+])
+def test_builder_serves_every_layout(tmp_path, name, category, builder_name):
+    from tests.test_data_layouts import BUILDERS, S
+
+    tree = BUILDERS[name](tmp_path / name)
+    builder = tfds_mvtec.prepare(tree.root, category, tmp_path / "tfds", image_size=S)
+    assert f"{builder.name}/{builder.builder_config.name}" == builder_name
+    reference = _same_as_open_dataset(builder, tree.root, category, S, tmp_path)
+    assert set(builder.info.splits) == set(reference.counts(category))  # LOCO and 3D-AD: validation too
+
+
+def test_builder_on_a_folder_spec_keeps_mask_known(tmp_path, monkeypatch):
+    from tests.test_data_folder_spec import S, build_folder_spec
+
+    spec, _ = build_folder_spec(tmp_path / "spec")
+    builder = tfds_mvtec.prepare(spec, "bracket", tmp_path / "tfds", image_size=S)
+    _same_as_open_dataset(builder, spec, "bracket", S, tmp_path)
+    test = tfds_mvtec.to_category_arrays(builder.as_data_source(split="test"))
+    assert not test.mask_known.all() and test.unmasked_reason() == "no masks for defect types dent (2 of 4 anomalous images)"
+    monkeypatch.setattr(tfds_mvtec, "decode_example", lambda *a, **k: pytest.fail("decoded twice"))
+    tfds_mvtec.prepare(spec, "bracket", tmp_path / "tfds", image_size=S)
+    with pytest.raises(UserInputError, match=r"data\.yaml: no category 'gear'; it holds \['bracket', 'plate'\]"):
+        tfds_mvtec.prepare(spec, "gear", tmp_path / "tfds", image_size=S)

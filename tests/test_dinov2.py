@@ -15,7 +15,7 @@ from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.models import (IMAGENET_MEAN, IMAGENET_STD, build_backbone, instantiate_backbone, normalize_images,
                                  resolve_config)
 from nexvitad_jax.models.dinov2 import VARIANTS, Dinov2Config, from_hf_config, to_hf_config
-from nexvitad_jax.models.layers import ACTIVATIONS, resize_position_embeddings
+from nexvitad_jax.models.layers import ACTIVATIONS, attention_implementation, resize_position_embeddings
 
 TOLERANCE = 1e-5
 
@@ -113,6 +113,17 @@ def test_bf16_compute_close_to_fp32(tiny_pair):
     bf16_out = dinov2_converter.flax_outputs(bf16_model, images)
     for f32, b16 in zip(fp32_out, bf16_out):
         assert relative_error(b16, f32) < 5e-2
+
+
+def test_attention_asks_for_cudnn_only_where_it_applies():
+    """Both ports' attention (layers.dot_product_attention) names cuDNN's fused kernel for bf16 / fp16
+    on an NVIDIA GPU with a head width cuDNN takes (a multiple of 8, at most 128), XLA otherwise."""
+    for dtype, head_dim in ((jnp.bfloat16, 64), (jnp.bfloat16, 96), (jnp.float16, 128)):
+        assert attention_implementation(dtype, head_dim, "cuda") == "cudnn"
+    for dtype, head_dim, platform in ((jnp.float32, 64, "cuda"), (jnp.bfloat16, 60, "cuda"),
+                                      (jnp.bfloat16, 256, "cuda"), (jnp.bfloat16, 64, "cpu"),
+                                      (jnp.bfloat16, 64, "rocm"), (jnp.bfloat16, 64, "tpu")):
+        assert attention_implementation(dtype, head_dim, platform) is None
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -5,7 +5,9 @@ restarted (tiny config, synthetic set, 2/1 split)."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -206,10 +208,28 @@ TINY = ["--config", "tiny", "--splits", "2/1", "--seeds", "2", "--no-progress",
                                        "bank.layers=(3,)"))]
 
 
-def _table1(out: Path, cache: Path) -> subprocess.Popen:
+def _table1(out: Path, cache: Path, *options: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "experiments.table1", "--out", str(out), "--compile-cache",
-                             str(cache), *TINY], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                             str(cache), *TINY, *options], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def table1_reference(tmp_path_factory) -> tuple[Path, Path]:
+    """(OUT, compilation cache) of the tiny table1 run uninterrupted, one run after the other, made
+    once for every test (and xdist worker) that compares against it: the first to need it runs it
+    under a file lock."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's directory, above each worker's
+    out, cache = shared / "table1_reference" / "whole", shared / "table1_reference" / "compile_cache"
+    with open(shared / "table1_reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "table1.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # an earlier failed attempt: start afresh
+            whole = _table1(out, cache)
+            assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    return out, cache
 
 
 def _wait_for(predicate, process: subprocess.Popen, timeout: float, what: str) -> None:
@@ -223,13 +243,11 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float, what: str) -
         time.sleep(0.05)
 
 
-def test_killed_sweep_resumes_from_its_finished_runs(tmp_path):
+def test_killed_sweep_resumes_from_its_finished_runs(tmp_path, table1_reference):
     """table1 (2 tiny runs) uninterrupted, then again SIGKILLed during its second run's training and
     restarted: the first run is not recomputed and the aggregate equals the uninterrupted one."""
-    cache = tmp_path / "compile_cache"  # shared: the second sweep reuses the first one's programs
-    whole = _table1(tmp_path / "whole", cache)
-    assert whole.wait(timeout=600) == 0, whole.stderr.read()
-    reference = json.loads((tmp_path / "whole" / "table1.json").read_text())
+    whole, cache = table1_reference  # the cache is shared: this sweep reuses the uninterrupted one's programs
+    reference = json.loads((whole / "table1.json").read_text())
 
     out = tmp_path / "killed"
     first = out / "runs" / "split2-1_seed0" / "result.json"
@@ -253,4 +271,4 @@ def test_killed_sweep_resumes_from_its_finished_runs(tmp_path):
     resumed = json.loads((out / "table1.json").read_text())
     assert resumed["finished"] == reference["finished"] == ["split2-1_seed0", "split2-1_seed1"]
     assert resumed["summary"] == reference["summary"]
-    assert (out / "table1.md").read_text() == (tmp_path / "whole" / "table1.md").read_text()
+    assert (out / "table1.md").read_text() == (whole / "table1.md").read_text()

@@ -15,8 +15,9 @@ from nexvitad_jax.inference import AnomalyDetector
 from nexvitad_jax.inference.anomaly_maps import (anomaly_maps, gaussian_blur, nearest_prototype_distance,
                                                  upsample_bilinear)
 from nexvitad_jax.inference import BackboneFeatureExtractor, sinkhorn_kmeans
-from nexvitad_jax.inference.batching import map_batches, padded_batches
+from nexvitad_jax.inference.batching import global_batch_size, map_batches, padded_batches
 from nexvitad_jax.inference.memory_bank import build_memory_bank, fit_memory_banks
+from nexvitad_jax.sharding import make_mesh
 
 
 def scipy_blur(maps: np.ndarray) -> np.ndarray:
@@ -65,14 +66,44 @@ def test_anomaly_maps_equal_reference_pipeline():
 
 
 def test_padded_batches_and_map_batches_cover_every_row_once():
+    """On this process's one device (tests/test_scoring_sharded.py spreads them over several)."""
+    mesh = make_mesh(jax.devices()[:1])
     rows = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
-    batches = list(padded_batches({"a": rows, "b": rows[:, 0]}, 3))
+    batches = list(padded_batches({"a": rows, "b": rows[:, 0]}, 3, mesh))
     assert [count for count, _ in batches] == [3, 3, 1]
     assert all(batch["a"].shape == (3, 3) for _, batch in batches)  # one static shape
     np.testing.assert_array_equal(batches[-1][1]["a"], rows[[6, 6, 6]])  # padded with the last row
-    doubled, total = map_batches(lambda batch: (2 * batch["a"], batch["b"] + 1), {"a": rows, "b": rows[:, 0]}, 3)
+    double = jax.jit(lambda batch: (2 * batch["a"], batch["b"] + 1))
+    doubled, total = map_batches(double, {"a": rows, "b": rows[:, 0]}, 3, mesh)
+    assert isinstance(doubled, np.ndarray)
     np.testing.assert_array_equal(doubled, 2 * rows)
     np.testing.assert_array_equal(total, rows[:, 0] + 1)
+    on_devices = map_batches(double, {"a": rows, "b": rows[:, 0]}, 3, mesh, to_host=False)
+    assert isinstance(on_devices[0], jax.Array)
+    np.testing.assert_array_equal(np.asarray(on_devices[0]), 2 * rows)
+
+
+def test_global_batches_round_up_to_the_device_count():
+    class Mesh:  # the only property the rounding reads
+        def __init__(self, size):
+            self.size = size
+
+    assert [global_batch_size(8, Mesh(n)) for n in (1, 3, 8, 16)] == [8, 9, 8, 16]
+    with pytest.raises(UserInputError, match="batch_size = 0"):
+        global_batch_size(0, Mesh(1))
+
+
+def test_batches_run_under_the_transfer_guard():
+    """A host array copied to the devices on every batch (here a numpy constant handed to a jitted
+    function) is an error inside the batch loop, not a silent copy per batch."""
+    mesh = make_mesh(jax.devices()[:1])
+    scale = np.full((3,), 2.0, np.float32)
+    add = jax.jit(lambda batch, scale: batch * scale)
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        map_batches(lambda batch: add(batch, scale), np.ones((4, 3), np.float32), 2, mesh)
+    placed = jax.device_put(scale)
+    np.testing.assert_array_equal(map_batches(lambda batch: add(batch, placed), np.ones((4, 3), np.float32), 2, mesh),
+                                  np.full((4, 3), 2.0))
 
 
 def test_memory_banks_of_several_k_equal_each_k_alone():
@@ -132,7 +163,8 @@ def test_detector_finds_a_pasted_defect_and_round_trips(tmp_path):
 
     detector.save(tmp_path / "detector")
     loaded = AnomalyDetector.load(tmp_path / "detector", PatchColorExtractor())
-    loaded_maps, loaded_scores = loaded.predict(test)
+    with jax.transfer_guard("disallow"):  # scoring copies nothing but the images in and the maps out
+        loaded_maps, loaded_scores = loaded.predict(test)
     np.testing.assert_allclose(loaded_maps, maps, rtol=1e-6)
 
     class OtherExtractor(PatchColorExtractor):
@@ -166,8 +198,9 @@ def test_random_backbone_extractor_describes_and_detects_mismatch(tmp_path):
     detector = AnomalyDetector(extractor, k=3, batch_size=2, kmeans_options={"max_iters": 10}).fit(textured_images(2, 0))
     detector.save(tmp_path / "det")
     rebuilt = AnomalyDetector.load(tmp_path / "det")  # the extractor rebuilt from detector.json
-    np.testing.assert_allclose(rebuilt.predict(textured_images(1, 5))[0], detector.predict(textured_images(1, 5))[0],
-                               rtol=1e-5)
+    with jax.transfer_guard("disallow"):  # the weights were replicated once, not copied per batch
+        rebuilt_maps = rebuilt.predict(textured_images(1, 5))[0]
+    np.testing.assert_allclose(rebuilt_maps, detector.predict(textured_images(1, 5))[0], rtol=1e-5)
     other = BackboneFeatureExtractor.random(seed=1, layers=(2, 3), image_size=64)
     with pytest.raises(UserInputError, match=r"hiera.weights: saved '[0-9a-f]+', now '[0-9a-f]+'"):
         AnomalyDetector.load(tmp_path / "det", other)

@@ -1,6 +1,6 @@
 """Sinkhorn K-means: blobs (sklearn ARI), balance vs Lloyd, a NumPy log-domain reference, a plain
 OTT-JAX reference of the paper's iteration, sweeps, k-means++, solver options, errors, and the
-ott-jax shim."""
+ott-jax shim. On several devices: tests/test_kmeans_sharded.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from sklearn.metrics import adjusted_rand_score
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference import SolverOptions, sinkhorn_kmeans, sweep_k, transport_assignments
 from nexvitad_jax.inference._ott_compat import linear_problem, pointcloud, sinkhorn
-from nexvitad_jax.inference.kmeans_init import kmeans_plus_plus
+from nexvitad_jax.inference.kmeans_init import _prefix_sums, kmeans_plus_plus
+from nexvitad_jax.inference.transport import Shard
 
 # The module (the package exports the function of the same name).
 kmeans_module = importlib.import_module("nexvitad_jax.inference.sinkhorn_kmeans")
@@ -45,6 +46,26 @@ def test_ott_shim_restores_is_vmappable_and_batched_pointcloud_runs():
     for axis in (0, 1):
         np.testing.assert_allclose(online.apply_lse_kernel(f, g, 0.5, axis=axis)[0],
                                    dense.apply_lse_kernel(f, g, 0.5, axis=axis)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows_per_block", [16, 50], ids=["blocks", "one-block"])
+def test_online_costs_in_blocks_equal_ott_pointcloud(rows_per_block):
+    # The online geometry of the Sinkhorn part computes both log-sum-exps block by block of rows
+    # (the last block overlapping the one before); OTT's plain PointCloud is the reference, with
+    # rows of no mass (f = -inf) and a column without mass (g = -inf) as the solver has them.
+    from nexvitad_jax.inference.transport import _PointCloudInBlocks
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(50, 3)).astype(np.float32), rng.normal(size=(7, 3)).astype(np.float32)
+    f, g = rng.normal(size=50).astype(np.float32), rng.normal(size=7).astype(np.float32)
+    f[[3, 49]], g[6] = -np.inf, -np.inf
+    reference = pointcloud.PointCloud(x, y, epsilon=0.5)
+    blocked = _PointCloudInBlocks(x, y, epsilon=0.5, batch_size=rows_per_block, axis_name=None)
+    for axis in (0, 1):
+        np.testing.assert_allclose(jax.jit(lambda f, g: blocked.apply_lse_kernel(f, g, 0.5, axis=axis)[0])(f, g),
+                                   reference.apply_lse_kernel(f, g, 0.5, axis=axis)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(blocked.marginal_from_potentials(f, g, axis=0),
+                               reference.marginal_from_potentials(f, g, axis=0), rtol=1e-5, atol=1e-7)
 
 
 def test_recovers_well_separated_blobs():
@@ -251,6 +272,19 @@ def test_kmeans_plus_plus_draws_exactly_d_squared(attempts):
     observed = {tuple(int(i) for i in row): count / len(indices) for row, count in zip(sequences, counts)}
     total_variation = 0.5 * sum(abs(observed.get(seq, 0.0) - expected.get(seq, 0.0)) for seq in {*observed, *expected})
     assert total_variation < 0.035
+
+
+def test_kmeans_plus_plus_cumulative_sums_are_correctly_rounded():
+    # The cumulative sum of U that proposals search is summed in double-float: every prefix equals
+    # the float64 prefix rounded to float32, so its values (and the draws) do not depend on the order
+    # of the additions, e.g. on how the rows are spread over devices. A float32 cumsum is off in
+    # more than half of them (by up to ~3e-7 relative), each a draw that could land elsewhere.
+    rng = np.random.default_rng(0)
+    values = (rng.gamma(0.5, size=200_000) * rng.choice([1e-3, 1.0, 1e3], size=200_000)).astype(np.float32)
+    prefix, total = jax.jit(lambda v: _prefix_sums(v, Shard.whole(v.shape[0])))(values)
+    expected = np.cumsum(values.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(prefix), expected)
+    assert float(total) == expected[-1]
 
 
 def test_kmeans_plus_plus_on_duplicates_draws_uniformly():

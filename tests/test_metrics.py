@@ -387,3 +387,29 @@ def test_bad_masks_limit_names_backend():
         metrics.pixel_auroc(scores, masks, backend="torch")
     with pytest.raises(UserInputError, match="2 entries for 2 maps|image scores"):
         metrics.evaluate(scores, masks, ["image_auroc"], image_scores=[0.1, 0.2, 0.3])
+
+
+def test_evaluate_maps_leaves_out_images_without_masks():
+    """A defect image without a mask (a folder-spec class) counts in the image metrics only; with no
+    masked defect image at all the pixel metrics are undefined, with the reason."""
+    from sklearn.metrics import roc_auc_score
+
+    from nexvitad_jax.metrics import evaluate_maps, mean_metrics
+
+    rng = np.random.default_rng(7)
+    maps = rng.uniform(size=(4, 8, 8)).astype(np.float32)
+    masks = np.zeros((4, 8, 8), bool)
+    masks[1, 2:5, 2:5] = True
+    labels = np.array([0, 1, 1, 0])
+    scores = maps.max(axis=(1, 2))
+    known = np.array([True, True, False, True])
+    result = evaluate_maps(maps, masks, scores, labels, mask_known=known, reason="no masks for dent")
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks[known].ravel(), maps[known].ravel()))
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert "no masks for dent" in result["notes"]["pixel_auroc"]
+    none = evaluate_maps(maps, masks & False, scores, labels, mask_known=np.array([True, False, False, True]),
+                         reason="no masks for dent")
+    assert none["pixel_auroc"] is None and none["undefined"]["pixel_auroc"] == "no masks for dent"
+    assert none["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert mean_metrics([result, result])["pixel_auroc"] == pytest.approx(result["pixel_auroc"])
+    assert "notes" not in mean_metrics([result, result])

@@ -107,6 +107,31 @@ def test_stacked_heads_equal_each_head_alone(model):
     nnx.update(model.source_heads.heads, state)  # leave the shared fixture as it was
 
 
+def test_masked_padding_changes_nothing_in_the_heads(model):
+    """Each class's examples plus padding rows masked out (how a batch is spread over any device
+    count, nexvitad_jax/train/step.py) give what the examples alone give: logits, BatchNorm
+    statistics and parameter gradients."""
+    rng = np.random.default_rng(6)
+    features = tuple(jnp.asarray(rng.normal(size=(2, 3, 16 // 2 ** i, 16 // 2 ** i, d)), jnp.float32)
+                     for i, d in enumerate((16, 32, 64, 128)))
+    padded = tuple(jnp.concatenate([f, jnp.asarray(rng.normal(size=(2, 2, *f.shape[2:])), f.dtype)], axis=1)
+                   for f in features)
+    weights = jnp.asarray(rng.normal(size=(2, 3, 64, 64, 2)), jnp.float32)
+    graphdef, params, stats = nnx.split(model.source_heads, nnx.Param, nnx.BatchStat)
+
+    def loss(params, stats, inputs, mask):
+        heads = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, stats))  # fresh variables at this trace
+        logits = heads(inputs, (64, 64), True, mask=mask)[:, :3]
+        return jnp.sum(logits * weights), (logits, nnx.state(heads, nnx.BatchStat))
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, (want_logits, want_stats)), want_grads = step(params, stats, features, None)
+    (_, (logits, new_stats)), grads = step(params, stats, padded, jnp.arange(5)[None, :].repeat(2, 0) < 3)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves((new_stats, grads)), jax.tree.leaves((want_stats, want_grads)), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
 def test_heads_shapes_partition_and_decoder_inference(model):
     from nexvitad_jax.inference.decoder_baseline import decoder_maps
 
@@ -138,3 +163,87 @@ def test_shared_source_head_variant():
 def test_segmentation_head_rejects_mismatched_widths():
     with pytest.raises(ValueError, match="decoder widths"):
         SegmentationHead((8, 16, 32, 64), (8, 8), rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# model.upconv: the transposed convolution to the block's width ("width", a standard U-Net) or
+# keeping the coarse channels ("keep").
+
+def random_head(upconv: str, seed: int = 0) -> SegmentationHead:
+    """A head with every variable drawn at random (BatchNorm's running variance > 0), none at its
+    init's constants (the shapes from eval_shape: eager initialization is slow on CPU)."""
+    head = nnx.eval_shape(lambda: SegmentationHead((16, 32, 64, 128), (16, 8, 8), upconv=upconv, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    nnx.update(head, jax.tree.map(lambda x: jnp.asarray(0.2 * rng.normal(size=x.shape), jnp.float32),
+                                  nnx.state(head)))
+    for norm in [block.norm for block in head.blocks] + [head.final_block.norm]:
+        norm.var.value = jnp.asarray(0.5 + rng.uniform(size=norm.var.shape), jnp.float32)
+    return head
+
+
+def torch_unet_decoder(head: SegmentationHead, features, image_hw) -> np.ndarray:
+    """The same decoder in torch (eval mode): ConvTranspose2d(2, stride 2), concat skip, conv 3x3,
+    BatchNorm, ReLU per level; bilinear upsample, final block, 1x1 conv. Flax's transposed-conv
+    kernel (kh, kw, in, out) is torch's (in, out, kh, kw) flipped in space."""
+    functional = torch.nn.functional
+    tensor = lambda a: torch.from_numpy(np.array(a))  # a writable, contiguous copy
+
+    def block(module, x):
+        x = functional.conv2d(x, tensor(np.asarray(module.conv.kernel).transpose(3, 2, 0, 1)), padding=1)
+        norm = module.norm
+        x = functional.batch_norm(x, tensor(norm.mean), tensor(norm.var), tensor(norm.scale), tensor(norm.bias),
+                                  training=False, eps=1e-5)
+        return functional.relu(x)
+
+    with torch.no_grad():
+        x = tensor(features[-1]).permute(0, 3, 1, 2)
+        for up, conv_block, skip in zip(head.ups, head.blocks, reversed(features[:-1])):
+            weight = tensor(np.asarray(up.kernel)[::-1, ::-1].transpose(2, 3, 0, 1))
+            x = functional.conv_transpose2d(x, weight, tensor(up.bias), stride=2)
+            x = block(conv_block, torch.cat([x, tensor(skip).permute(0, 3, 1, 2)], dim=1))
+        x = functional.interpolate(x, size=image_hw, mode="bilinear", align_corners=False)
+        x = block(head.final_block, x)
+        weight = tensor(np.asarray(head.classifier.kernel).transpose(3, 2, 0, 1))
+        return functional.conv2d(x, weight, tensor(head.classifier.bias)).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("upconv, up_widths", [("width", (16, 8, 8)), ("keep", (128, 16, 8))])
+def test_segmentation_head_upconv_matches_torch_unet(upconv, up_widths):
+    head = random_head(upconv)
+    # "width": each transposed conv maps the coarse map to its block's width (the standard U-Net);
+    # "keep": it keeps the coarse channels, so the first one is (2, 2, 128, 128).
+    assert [up.kernel.shape for up in head.ups] == [(2, 2, c, w) for c, w in zip((128, 16, 8), up_widths)]
+    assert [b.conv.kernel.shape for b in head.blocks] == [
+        (3, 3, w + s, o) for w, s, o in zip(up_widths, (64, 32, 16), (16, 8, 8))]
+    rng = np.random.default_rng(1)
+    features = tuple(rng.normal(size=(2, 16 // 2 ** i, 16 // 2 ** i, d)).astype(np.float32)
+                     for i, d in enumerate((16, 32, 64, 128)))
+    logits = nnx.jit(lambda m, f: m(f, (40, 40), False))(head, tuple(map(jnp.asarray, features)))
+    expected = torch_unet_decoder(head, features, (40, 40))
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("upconv", ["width", "keep"])
+def test_config_upconv_reaches_every_segmentation_head(upconv):
+    from nexvitad_jax.configs import paper
+
+    assert paper.get_config().model.upconv == "width"  # the default (docs/paper_map.md)
+    config = tiny.get_config()
+    config.model.upconv = upconv
+    model = nnx.eval_shape(lambda: build_model(config, 2, 1))  # shapes only
+    coarse, width = 128, config.model.decoder_channels[0]  # 2 d_4 of the tiny Hiera, the first block's width
+    up_width = width if upconv == "width" else coarse
+    for heads, count in ((model.source_heads, 2), (model.target_heads, 1)):
+        assert heads.heads.ups[0].kernel.shape == (count, 2, 2, coarse, up_width)
+        assert heads.heads.blocks[0].conv.kernel.shape == (count, 3, 3, up_width + 64, width)
+
+
+def test_unknown_upconv_is_a_user_error():
+    from nexvitad_jax.errors import UserInputError
+
+    config = tiny.get_config()
+    config.model.upconv = "double"
+    with pytest.raises(UserInputError, match=r"model.upconv 'double': expected one of \['keep', 'width'\]"):
+        build_model(config, 1, 1)
+    with pytest.raises(UserInputError, match="expected one of"):
+        SegmentationHead((8, 16, 32, 64), (8, 8, 8), upconv="", rngs=nnx.Rngs(0))

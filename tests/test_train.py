@@ -21,8 +21,9 @@ from nexvitad_jax.train import TrainingDiverged, augment as aug, train
 from nexvitad_jax.train.checkpoints import Checkpoints
 from nexvitad_jax.train.loop import check_training_config
 from nexvitad_jax.train.losses import IGNORE, consistency_mse, cross_entropy, pseudo_labels, total_loss
-from nexvitad_jax.sharding import batch_sharding, make_mesh
-from nexvitad_jax.train.step import TrainStep, make_optimizer
+from nexvitad_jax.sharding import make_mesh
+from nexvitad_jax.train.batches import host_batch, place_batch
+from nexvitad_jax.train.step import StepLayout, TrainStep, batch_shardings, make_optimizer
 
 
 def test_pseudo_labels_threshold_and_ignore():
@@ -112,11 +113,41 @@ def test_sampled_transforms_probability_and_noise():
     assert 0.05 < float(jnp.std(noisy - images)) < 0.15
 
 
-def _tiny_batch(rng):
-    return {"source_images": rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8),
-            "source_masks": rng.uniform(size=(2, 2, 64, 64)) < 0.2,
-            "target_images": rng.integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8),
-            "target_labels": rng.integers(-1, 2, (1, 2, 64, 64)).astype(np.int32)}
+def test_step_layout_spreads_any_batch_over_any_device_count():
+    """3 source classes x 2 and 2 target classes x 3 on 4 devices: the flat rows (source, clean
+    target, augmented slots) padded to 8 and 20, padding IGNORE; each head gets exactly its class's
+    rows, padded to a multiple of 4 and masked."""
+    layout = StepLayout(source_classes=3, per_source=2, target_classes=2, per_target=3, devices=4)
+    assert (layout.rows(1), layout.rows(2)) == (8, 20)
+    assert "backbones 6 -> 8 rows, source heads 2 -> 4 rows per class" in layout.padding(1)
+    assert StepLayout(3, 4, 2, 2, devices=2).padding(2) is None
+    constant = np.ones((2, 2, 3), np.uint8)  # images of one value: 10 c + i (source), 100 + 3 c + i (target)
+    images = (10 * np.arange(3)[:, None] + np.arange(2)).astype(np.uint8)[..., None, None, None] * constant
+    target_images = (100 + np.arange(6, dtype=np.uint8).reshape(2, 3))[..., None, None, None] * constant
+    batch = host_batch(layout, 2, "images", np.ones((3, 2, 2, 2), bool), images,
+                       (np.zeros((2, 3, 2, 2), np.int32), target_images, target_images))
+    flat, flat_labels = batch["images"], batch["labels"]
+    assert flat.shape == (20, 2, 2, 3) and batch["target_images"].shape == (6, 2, 2, 3)
+    np.testing.assert_array_equal(flat_labels[:6], 1)
+    np.testing.assert_array_equal(flat_labels[6:12], 0)
+    np.testing.assert_array_equal(flat_labels[12:], IGNORE)  # augmented slots and padding
+    np.testing.assert_array_equal(flat[12:], 0)
+    rows, mask = layout.source_heads()
+    assert rows.shape == (3, 4) and mask.sum(1).tolist() == [2, 2, 2]
+    np.testing.assert_array_equal(flat[rows[mask].reshape(3, 2)], images)
+    rows, mask = layout.target_heads()
+    assert rows.shape == (2, 8) and mask.sum(1).tolist() == [6, 6]
+    np.testing.assert_array_equal(flat[rows[:, :3]], target_images)
+    np.testing.assert_array_equal(rows[:, 3:6], rows[:, :3] + 6)  # each clean image's augmented slot
+
+
+def _tiny_batch(trainer: TrainStep, rng):
+    """A phase-2 batch of random images, masks and pseudo-labels, placed on the trainer's mesh."""
+    target_images = rng.integers(0, 256, (1, 2, 64, 64, 3), dtype=np.uint8)
+    batch = host_batch(trainer.layout, 2, "images", rng.uniform(size=(2, 2, 64, 64)) < 0.2,
+                       rng.integers(0, 256, (2, 2, 64, 64, 3), dtype=np.uint8),
+                       (rng.integers(-1, 2, (1, 2, 64, 64)), target_images, target_images))
+    return place_batch(batch, batch_shardings(trainer.mesh, 2, "images"))
 
 
 def test_backbones_frozen_bitwise_and_outside_the_gradient():
@@ -124,13 +155,14 @@ def test_backbones_frozen_bitwise_and_outside_the_gradient():
     model = build_model(config, 2, 1)
     before = jax.tree.map(np.array, nnx.state(model, FROZEN))
     mesh = make_mesh(jax.devices()[:1])
-    trainer = TrainStep(model, make_optimizer(1e-2, 1, 10), mesh, compiler_options=fast_compile_options())
+    trainer = TrainStep(model, make_optimizer(1e-2, 1, 10), mesh, source_per_class=2, target_per_class=2,
+                        compiler_options=fast_compile_options())
     state = trainer.init_state(0)
     initial = jax.tree.map(np.array, state["trainable"])
     # Nothing frozen is in the differentiated/optimized state.
     flat = nnx.to_flat_state(state["trainable"])
     assert not any({"hiera", "dinov2"} & set(map(str, path)) for path, _ in flat)
-    batch = jax.device_put(_tiny_batch(np.random.default_rng(0)), batch_sharding(mesh))
+    batch = _tiny_batch(trainer, np.random.default_rng(0))
     # Phase 2 runs every loss term (phase 1's are a subset), so every head gets a gradient: one compilation.
     for _ in range(2):
         state, metrics = trainer(state, batch, 2)
@@ -309,17 +341,17 @@ def test_feature_cache_trains_as_without_it(tmp_path, monkeypatch):
     worst = max(float(np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12))
                 for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(cached_params), strict=True))
     assert worst <= 1e-4, worst
-    # The batches: cached features are the backbones' outputs of the images the uncached run used.
+    # The batches: cached features are the backbones' outputs of the images the uncached run used
+    # (its source and clean target rows; the augmented slots are filled in the step).
     for (_, batch, phase), (trainer, cached_batch, cached_phase) in zip(calls, cached_calls, strict=True):
-        assert phase == cached_phase and "source_images" not in cached_batch and trainer.feature_cache
-        pairs = [(batch["source_images"], cached_batch["source_features"])]
+        assert phase == cached_phase and "images" not in cached_batch and trainer.feature_cache
+        np.testing.assert_array_equal(np.asarray(cached_batch["labels"]), np.asarray(batch["labels"]))
         if phase == 2:
             np.testing.assert_array_equal(np.asarray(cached_batch["target_images"]), np.asarray(batch["target_images"]))
-            pairs.append((batch["target_images"], cached_batch["target_features"]))
-        for images, features in pairs:
-            expected = trainer.backbone_features(final_state, images)
-            for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(features), strict=True):
-                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+        fed = trainer.layout.n_source + (trainer.layout.n_target if phase == 2 else 0)
+        expected = trainer.backbone_features(final_state, batch["images"])
+        for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(cached_batch["features"]), strict=True):
+            np.testing.assert_allclose(np.asarray(got)[:fed], np.asarray(want)[:fed], rtol=1e-5, atol=1e-5)
 
 
 def test_training_input_errors(tmp_path):
@@ -334,7 +366,52 @@ def test_training_input_errors(tmp_path):
     with pytest.raises(UserInputError, match=expected):
         train(config, dataset, ["bottle"], ["hazelnut"], tmp_path)
     config = tiny.get_config()
-    config.train.target_per_class = 3
-    with pytest.raises(UserInputError, match=r"config\.train\.target_per_class = 3 must be divisible by the 2 devices"):
-        check_training_config(config, ["bottle"], ["hazelnut"], devices=2)
-    check_training_config(tiny.get_config(), ["bottle"], ["hazelnut"], devices=2)
+    config.train.target_per_class = 0
+    with pytest.raises(UserInputError, match=r"config\.train\.target_per_class = 0 must be a positive number"):
+        check_training_config(config, ["bottle"], ["hazelnut"])
+    config.train.target_per_class = 3  # any batch size trains on any device count
+    check_training_config(config, ["bottle"], ["hazelnut"])
+
+
+def test_training_loop_makes_no_implicit_transfer(tmp_path, monkeypatch):
+    """train() steps under jax.transfer_guard("disallow"): batches enter with explicit placements,
+    metrics and pseudo-labels leave through jax.device_get, checkpoints in an allowed scope. A stray
+    implicit transfer in the loop would fail the run. The CPU backend enforces the guard on
+    host-to-device transfers only (its device memory is host memory), so this test enforces
+    device-to-host the way an accelerator does: reading an array's value outside jax.device_get
+    while the guard disallows it raises. A probe after every step shows the guard is in force."""
+    from jax._src import array as array_lib
+    from jax._src import config as jax_config
+    from jax._src.lib import guard_lib
+
+    from nexvitad_jax.data import open_dataset
+
+    value = array_lib.ArrayImpl._value
+
+    def guarded_value(array):
+        if (jax_config.transfer_guard_device_to_host.value == "disallow"
+                and not guard_lib.thread_local_state().explicit_device_get):
+            raise RuntimeError("Disallowed device-to-host transfer")
+        return value.fget(array)
+
+    monkeypatch.setattr(array_lib.ArrayImpl, "_value", property(guarded_value))
+    probes = []
+    original_call = TrainStep.__call__
+
+    def probed_call(self, state, batch, phase):
+        state, metrics = original_call(self, state, batch, phase)
+        for implicit in (lambda: float(metrics["loss"]), lambda: jnp.asarray(np.ones(2))):
+            with pytest.raises(Exception, match="Disallowed (device-to-host|host-to-device) transfer"):
+                implicit()
+        probes.append(phase)
+        return state, metrics
+
+    monkeypatch.setattr(TrainStep, "__call__", probed_call)
+    config = tiny.get_config()
+    config.train.fast_compile = True
+    config.train.checkpoint_every = 2  # steps 1 and 3 are not saved: their metrics are fetched a step late
+    result = train(config, open_dataset("synthetic", image_size=64), ["bottle", "cable"], ["hazelnut"], tmp_path,
+                   progress=False)
+    assert probes == [1, 1, 2, 2] and np.isfinite(result.last_metrics["loss"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["images_per_s"] > 0 for r in records)

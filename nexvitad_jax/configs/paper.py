@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dinov2_checkpoint = "checkpoints/dinov2-small"
     config.model.shared_source_head = False  # True: one head for all source classes (the MTL ablation)
     config.model.decoder_channels = (256, 128, 64)
+    # The segmentation head's 2x2 stride-2 transposed convolution (the paper's Up(.), widths unstated):
+    # "width" maps the coarse map to the block's width, as a standard U-Net; "keep" keeps its channels
+    # (a 4096 -> 4096 one first at Hiera-Huge: 7x the head's weights, 2x its FLOPs; benchmarks/upconv.py).
+    config.model.upconv = "width"
     config.model.pseudo_label_hidden = (64, 32)
 
     config.train = ml_collections.ConfigDict()

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
-from nexvitad_jax.data.mvtec import CategoryArrays
+from nexvitad_jax.data.decode import CategoryArrays
 from nexvitad_jax.errors import UserInputError
 
 TEXTURE_CLASSES = ("carpet", "leather", "tile", "wood")
@@ -453,7 +454,17 @@ class SyntheticDataset:
         self.sizes = {"train": n_train, "test": n_test}
         self.n_good_test = n_good_test
         self.classes = list(SYNTHETIC_CLASSES)
+        self.layout, self.splits = "synthetic", ("train", "test")
+        self.notes = [f"generated from seed {seed}: {n_train} train and {n_test} test images per class"]
         self._memory: dict[tuple[str, str], CategoryArrays] = {}
+
+    def counts(self, category: str) -> dict[str, Counter]:
+        """{split: Counter(defect type -> images)}, without generating anything."""
+        if category not in DEFECT_TYPES:
+            raise UserInputError(f"unknown synthetic category {category!r}; expected one of {self.classes}")
+        types = DEFECT_TYPES[category]
+        test = ["good"] * self.n_good_test + [types[i % len(types)] for i in range(self.sizes["test"] - self.n_good_test)]
+        return {"train": Counter(good=self.sizes["train"]), "test": Counter(test)}
 
     def load(self, category: str, split: str) -> CategoryArrays:
         if split not in self.sizes:

@@ -89,8 +89,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
+# Images read and scored per call of the detector, in global batches: enough for the devices to
+# work on one batch while the host places the next.
+BATCHES_PER_CHUNK = 8
+
+
+def fitted_detector(args: argparse.Namespace):
+    """The detector the arguments describe, its memory bank built from the --normal images."""
     from tqdm import tqdm
 
     from nexvitad_jax.data import few_shot_indices
@@ -106,8 +111,6 @@ def main(argv: list[str]) -> int:
         raise UserInputError(f"--shots {args.shots}: expected at least one normal image")
     candidates = list_images(args.normal, "--normal")
     normal_files = [candidates[i] for i in few_shot_indices([str(path) for path in candidates], args.shots, args.seed)]
-    image_files = list_images(args.images, "--images")
-    check_readable(image_files)
     normal = np.stack([read_image(path, args.image_size) for path in normal_files])
     options = dict(layers=layers, image_size=args.image_size)
     if args.backbone:
@@ -118,7 +121,6 @@ def main(argv: list[str]) -> int:
         print("nexvitad score: no --backbone given; using a tiny randomly initialized Hiera "
               "(a demo of the pipeline, not a trained detector)", file=sys.stderr)
         extractor = BackboneFeatureExtractor.random(seed=args.seed, **options)
-
     detector = AnomalyDetector(extractor, k=args.k, sigma=args.sigma, seed=args.seed, batch_size=args.batch_size)
     with tqdm(total=len(normal), desc="memory bank", unit="img", file=sys.stderr) as progress:
         detector.fit(normal, progress)
@@ -126,35 +128,53 @@ def main(argv: list[str]) -> int:
         if not bool(result.converged):
             print(f"nexvitad score: K-means of layer {layer} stopped after {int(result.iterations)} iterations "
                   f"(prototype shift {float(result.shift):.2e})", file=sys.stderr)
-    if args.save_detector:
-        detector.save(args.save_detector)
+    return detector
 
-    images_root = Path(args.images)
-    out = Path(args.out)
-    heatmap_dir = out / "heatmaps"
-    heatmap_dir.mkdir(parents=True, exist_ok=True)
-    rows, panels = [], []
+
+def score_files(detector, image_files: list[Path], image_size: int) -> list[tuple[Path, np.ndarray, np.ndarray, float]]:
+    """(path, image uint8, anomaly map, image score) of every file, read and scored a chunk at a time."""
+    from tqdm import tqdm
+
+    from nexvitad_jax.inference.batching import global_batch_size
+
+    chunk = BATCHES_PER_CHUNK * global_batch_size(detector.batch_size, detector.mesh)
+    scored = []
     with tqdm(total=len(image_files), desc="scoring", unit="img", file=sys.stderr) as progress:
-        for start in range(0, len(image_files), args.batch_size):
-            chunk = image_files[start:start + args.batch_size]
-            images = np.stack([read_image(path, args.image_size) for path in chunk])
-            maps, scores = detector.predict(images)
-            progress.update(len(chunk))
-            for path, image, anomaly_map, score in zip(chunk, images, maps, scores):
-                relative = path.relative_to(images_root)
-                rows.append((relative.as_posix(), float(score)))
-                panels.append((relative, (image * 255.0 + 0.5).astype(np.uint8), anomaly_map))
-    low = min(float(m.min()) for _, _, m in panels)
-    high = max(float(m.max()) for _, _, m in panels)
+        for start in range(0, len(image_files), chunk):
+            paths = image_files[start:start + chunk]
+            images = np.stack([read_image(path, image_size) for path in paths])
+            maps, scores = detector.predict(images, progress)
+            scored += [(path, (image * 255.0 + 0.5).astype(np.uint8), anomaly_map, float(score))
+                       for path, image, anomaly_map, score in zip(paths, images, maps, scores)]
+    return scored
+
+
+def write_outputs(out: Path, images_root: Path, scored) -> None:
+    """OUT/heatmaps/<relative path>.png (maps scaled by one range for the whole run), OUT/scores.csv."""
     from PIL import Image
 
-    for relative, image, anomaly_map in panels:
-        target = (heatmap_dir / relative).with_suffix(".png")
+    low = min(float(anomaly_map.min()) for _, _, anomaly_map, _ in scored)
+    high = max(float(anomaly_map.max()) for _, _, anomaly_map, _ in scored)
+    for path, image, anomaly_map, _ in scored:
+        target = (out / "heatmaps" / path.relative_to(images_root)).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(overlay_panel(image / 255.0, anomaly_map, low, high)).save(target)
     with open(out / "scores.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "score"])
-        writer.writerows((name, f"{score:.6g}") for name, score in rows)
-    print(f"nexvitad score: {len(rows)} images scored; {out / 'scores.csv'} and {heatmap_dir}/")
+        writer.writerows((path.relative_to(images_root).as_posix(), f"{score:.6g}") for path, _, _, score in scored)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    image_files = list_images(args.images, "--images")
+    check_readable(image_files)
+    detector = fitted_detector(args)
+    if args.save_detector:
+        detector.save(args.save_detector)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scored = score_files(detector, image_files, args.image_size)
+    write_outputs(out, Path(args.images), scored)
+    print(f"nexvitad score: {len(scored)} images scored; {out / 'scores.csv'} and {out / 'heatmaps'}/")
     return 0

@@ -1,7 +1,12 @@
 """`AnomalyDetector`: memory-bank anomaly detection over any feature extractor
 (`nexvitad_jax.inference.extractors`): fit on normal images, predict maps and image scores,
 save and load (the extractor's identity is saved and checked, so a memory bank is never scored
-against features of another network)."""
+against features of another network).
+
+Both fit and predict spread their images over every device of the detector's mesh (default: every
+device of every host; `nexvitad_jax.inference.batching`): the normal images' features stay on the
+devices, sharded along the images, for the memory bank; the prototypes are replicated and the
+test images' maps are gathered once, onto every process."""
 
 from __future__ import annotations
 
@@ -12,28 +17,34 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.identity import describe_differences
 from nexvitad_jax.inference.anomaly_maps import anomaly_maps, check_layers
-from nexvitad_jax.inference.batching import map_batches
+from nexvitad_jax.inference.batching import map_batches, replicate
 from nexvitad_jax.inference.extractors import FeatureExtractor, extractor_from_description
 from nexvitad_jax.inference.memory_bank import MemoryBank, build_memory_bank
+from nexvitad_jax.sharding import make_mesh
 
 DETECTOR_FORMAT_VERSION = 1
 
 
 class AnomalyDetector:
-    """fit(normal images) builds the memory bank; predict(images) -> (maps (B, H, W), scores (B,))."""
+    """fit(normal images) builds the memory bank; predict(images) -> (maps (B, H, W), scores (B,)).
+
+    `batch_size` is the global batch (rounded up to a multiple of the device count); `mesh`
+    (default: every device) should be the extractor's, where its weights are replicated."""
 
     def __init__(self, extractor: FeatureExtractor, *, k: int = 30, sigma: float = 2.0, seed: int = 0,
-                 batch_size: int = 8, kmeans_options: dict | None = None):
+                 batch_size: int = 8, kmeans_options: dict | None = None, mesh: Mesh | None = None):
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise UserInputError(f"k = {k!r}: expected a positive number of prototypes")
-        if batch_size < 1:
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise UserInputError(f"batch_size = {batch_size!r}: expected a positive integer")
         self.extractor, self.k, self.sigma, self.seed = extractor, int(k), float(sigma), int(seed)
         self.batch_size = int(batch_size)
+        self.mesh = make_mesh() if mesh is None else mesh
         self.kmeans_options = dict(kmeans_options or {})
         self.memory_bank: MemoryBank | None = None
 
@@ -47,10 +58,11 @@ class AnomalyDetector:
         return images.astype(np.float32)
 
     def extract(self, images, progress=None) -> list[jax.Array]:
-        """Features of `images` in fixed-size batches (the last one padded, so one compilation)."""
+        """Per-layer features (M, h, w, D) of `images`, computed in sharded batches (the last one
+        padded, so one compilation; the padding trimmed) and left on the devices, sharded along M
+        (replicated when M does not divide by the device count)."""
         images = self._check_images(images, "images")
-        return map_batches(lambda batch: self.extractor(jnp.asarray(batch)), images, self.batch_size,
-                           progress=progress, to_host=False)
+        return map_batches(self.extractor, images, self.batch_size, self.mesh, progress=progress, to_host=False)
 
     def fit(self, normal_images, progress=None) -> AnomalyDetector:
         """Memory bank from the M normal images: K Sinkhorn K-means prototypes per layer."""
@@ -63,14 +75,14 @@ class AnomalyDetector:
         if self.memory_bank is None:
             raise UserInputError("the detector has no memory bank: call fit(normal_images) or load(directory)")
         images = self._check_images(images, "images")
+        prototypes = replicate(self.memory_bank.prototypes, self.mesh)
 
         def maps_of(batch):
-            features = self.extractor(jnp.asarray(batch))
-            check_layers(features, self.memory_bank.prototypes)
-            return anomaly_maps(features, self.memory_bank.prototypes, image_size=tuple(images.shape[1:3]),
-                                sigma=self.sigma)
+            features = self.extractor(batch)
+            check_layers(features, prototypes)
+            return anomaly_maps(features, prototypes, image_size=tuple(images.shape[1:3]), sigma=self.sigma)
 
-        return map_batches(maps_of, images, self.batch_size, progress=progress)
+        return map_batches(maps_of, images, self.batch_size, self.mesh, progress=progress)
 
     def config(self) -> dict[str, Any]:
         return {"format_version": DETECTOR_FORMAT_VERSION, "k": self.k, "sigma": self.sigma, "seed": self.seed,
@@ -94,9 +106,10 @@ class AnomalyDetector:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, extractor: FeatureExtractor | None = None) -> AnomalyDetector:
-        """Read a saved detector; `extractor` defaults to the one described in detector.json, and a
-        given one must describe itself identically (the error lists what differs)."""
+    def load(cls, directory: str | Path, extractor: FeatureExtractor | None = None,
+             mesh: Mesh | None = None) -> AnomalyDetector:
+        """Read a saved detector; `extractor` defaults to the one described in detector.json (built on
+        `mesh`), and a given one must describe itself identically (the error lists what differs)."""
         import orbax.checkpoint as ocp
 
         directory = Path(directory).resolve()
@@ -111,7 +124,7 @@ class AnomalyDetector:
             raise UserInputError(f"{config_path}: format_version {config.get('format_version')!r}, expected "
                                  f"{DETECTOR_FORMAT_VERSION}")
         if extractor is None:
-            extractor = extractor_from_description(config["extractor"])
+            extractor = extractor_from_description(config["extractor"], mesh)
         differences = describe_differences(config["extractor"], extractor.describe())
         if differences:
             raise UserInputError(f"{directory}: the feature extractor does not match the one the memory bank was "
@@ -122,6 +135,6 @@ class AnomalyDetector:
             raise UserInputError(f"{directory / 'prototypes'}: could not read the prototypes ({error})") from error
         prototypes = [jnp.asarray(restored[f"layer_{i}"]) for i in range(len(config["layers"]))]
         detector = cls(extractor, k=config["k"], sigma=config["sigma"], seed=config["seed"],
-                       batch_size=config["batch_size"], kmeans_options=config["kmeans_options"])
+                       batch_size=config["batch_size"], kmeans_options=config["kmeans_options"], mesh=mesh)
         detector.memory_bank = MemoryBank(prototypes, [])
         return detector

@@ -2,12 +2,16 @@
 
 A feature extractor is anything with `__call__(images (B, H, W, 3) float in [0, 1]) -> list of
 NHWC feature maps` and `describe() -> dict` (a JSON-able identity: saved with a detector and
-compared on load, so a memory bank is never scored against features of another network).
+compared on load, so a memory bank is never scored against features of another network). It is
+called on batches sharded along B, under `jax.transfer_guard("disallow")`: its weights must
+already be on the devices.
 - `EncoderFeatureExtractor`: the trained NexViTAD encoder, F_1..F_4 (eq. 3), the paper's bank.
 - `BackboneFeatureExtractor`: converted or randomly initialized Hiera stage maps, optionally with
   a DINOv2 patch grid resized to each stage and concatenated on channels (`nexvitad score`).
 Weights enter the jitted functions as arguments, never as closed-over constants (which would be
-baked into the compiled program: gigabytes for Hiera-Huge).
+baked into the compiled program: gigabytes for Hiera-Huge), and are replicated once on every
+device of the extractor's mesh (default: every device of every host), where the sharded batches of
+`nexvitad_jax.inference.batching` meet them without a copy per batch.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from typing import Any, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.identity import weights_fingerprint
+from nexvitad_jax.inference.batching import replicate
+from nexvitad_jax.sharding import make_mesh
 
 # A Hiera small enough for CPU demos and CI (stage dims 16, 32, 64, 128 at 224 -> 56, 28, 14, 7).
 TINY_HIERA = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
@@ -44,18 +51,22 @@ class EncoderFeatureExtractor:
     """The trained NexViTAD encoder: the selected layers of F_1..F_4 of one feature kind."""
 
     def __init__(self, model, *, kind: str = "interleaved", layers: Sequence[int] = (0, 1, 2, 3),
-                 identity: dict | None = None):
+                 identity: dict | None = None, mesh: Mesh | None = None):
         self.layers = _check_layers(layers, len(model.encoder.stage_dims), "bank.layers")
         self.kind = kind
-        self._graph, self._state = nnx.split(model.encoder)
+        self._graph, state = nnx.split(model.encoder)
         self._identity = {"kind": "nexvitad-encoder", "features": kind, "layers": list(self.layers),
-                          "weights": weights_fingerprint(self._state), **(identity or {})}
+                          "weights": weights_fingerprint(state), **(identity or {})}
+        self.mesh = make_mesh() if mesh is None else mesh
+        self._state = replicate(state, self.mesh)
         self._pipeline = jax.jit(self._features)
 
     @classmethod
-    def from_config(cls, model, bank_config, identity: dict | None = None) -> EncoderFeatureExtractor:
+    def from_config(cls, model, bank_config, identity: dict | None = None,
+                    mesh: Mesh | None = None) -> EncoderFeatureExtractor:
         """The extractor a config's `bank` section names (features, layers)."""
-        return cls(model, kind=str(bank_config.features), layers=tuple(bank_config.layers), identity=identity)
+        return cls(model, kind=str(bank_config.features), layers=tuple(bank_config.layers), identity=identity,
+                   mesh=mesh)
 
     def _features(self, state, images):
         from nexvitad_jax.models import normalize_images
@@ -76,11 +87,13 @@ class BackboneFeatureExtractor:
 
     def __init__(self, hiera: nnx.Module, hiera_identity: dict, *, dino: nnx.Module | None = None,
                  dino_identity: dict | None = None, layers: Sequence[int] = (0, 1, 2, 3),
-                 image_size: int = 224):
+                 image_size: int = 224, mesh: Mesh | None = None):
         self.layers = _check_layers(layers, len(hiera.stage_dims), "layers")
         self.image_size = int(image_size)
-        self._hiera_graph, self._hiera_state = nnx.split(hiera)
-        self._dino_graph, self._dino_state = nnx.split(dino) if dino is not None else (None, None)
+        self.mesh = make_mesh() if mesh is None else mesh
+        self._hiera_graph, hiera_state = nnx.split(hiera)
+        self._dino_graph, dino_state = nnx.split(dino) if dino is not None else (None, None)
+        self._hiera_state, self._dino_state = replicate((hiera_state, dino_state), self.mesh)
         self._identity = {"kind": "backbone", "hiera": hiera_identity, "dinov2": dino_identity,
                           "layers": list(self.layers), "image_size": self.image_size}
         self._pipeline = jax.jit(self._features)
@@ -151,13 +164,14 @@ def _random_backbone(family: str, config, seed: int) -> tuple[nnx.Module, dict]:
     return module, identity
 
 
-def extractor_from_description(description: dict) -> BackboneFeatureExtractor:
-    """Rebuild the extractor a detector was saved with (backbone dirs or random-init seeds)."""
+def extractor_from_description(description: dict, mesh: Mesh | None = None) -> BackboneFeatureExtractor:
+    """Rebuild the extractor a detector was saved with (backbone dirs or random-init seeds) on
+    `mesh` (default: every device)."""
     if description.get("kind") != "backbone":
         raise UserInputError(f"cannot rebuild a feature extractor of kind {description.get('kind')!r}; "
                              "pass the extractor to AnomalyDetector.load(directory, extractor)")
     hiera, dino = description["hiera"], description.get("dinov2")
-    options = dict(layers=description["layers"], image_size=description["image_size"])
+    options = dict(layers=description["layers"], image_size=description["image_size"], mesh=mesh)
     if "directory" in hiera:
         return BackboneFeatureExtractor.from_dirs(hiera["directory"], dino["directory"] if dino else None, **options)
     return BackboneFeatureExtractor.random(seed=hiera["random_init_seed"], hiera_config=hiera["config"],

@@ -4,6 +4,12 @@ features of the M few-shot normal images of a target class.
 `fit_memory_banks` fits several K at once (one `sweep_k` program per layer, whose run for K equals
 `sinkhorn_kmeans` with that K); `build_memory_bank` is its one-K case. Layer n draws from
 `fold_in(rng, n)`, so a bank of K from a sweep is the bank of K alone.
+
+Features may arrive on several devices, as the detector extracts them: split along the images (M)
+over the data mesh, or replicated (M not a multiple of the device count), on one host or several
+(each holding its share of the images). The flattened bank then stays on those devices, split along
+its rows (each device's images are its rows), and the K-means exchanges only reductions
+(`sinkhorn_kmeans`); the prototypes come back replicated.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ class MemoryBank(NamedTuple):
 
 
 def layer_patches(layer: int, features: jax.Array) -> jax.Array:
-    """(M, h, w, D) features of the normal images -> the (M h w, D) float32 bank of a layer."""
+    """(M, h, w, D) features of the normal images -> the (M h w, D) float32 bank of a layer (split
+    along its rows where the features are split along M: each device keeps its images' patches)."""
     if features.ndim != 4:
         raise UserInputError(f"layer {layer}: expected (M, h, w, D) features, got {tuple(features.shape)}")
     return features.reshape(-1, features.shape[-1]).astype(jnp.float32)

@@ -31,6 +31,14 @@ compiles a few solves. A run whose prototypes stopped moving is frozen while the
 k-means++ draws its t-th center from keys folded with t, so the first K centers of a max(K)
 initialization are exactly the K-center initialization: a sweep run equals the run of that K alone.
 
+Over devices: a bank that is a jax.Array on several devices (split along its rows over the data
+mesh, `nexvitad_jax.sharding.row_sharding`, or replicated) stays there (`_place_bank`): the fit runs
+under `jax.shard_map` with each device holding about N / n rows (the bank padded at its end to a
+multiple of the device count with rows of no mass), and per iteration the devices exchange only
+reductions: the weighted-mean sums (sum K x D), K-vectors and Newton's K x K Hessian, never rows
+(`transport.Shard`). Prototypes, potentials and Newton's system are replicated. The result is the
+one-device result up to the order of the sums: the same k-means++ draws, the same Newton subsample.
+
 Every solver knob is a field of `SolverOptions`, a static argument of the compiled fits.
 """
 
@@ -42,13 +50,15 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference.kmeans_init import kmeans_plus_plus
 from nexvitad_jax.inference.kmeans_options import DEFAULT_DENSE_COST_BYTES, SolverOptions
-from nexvitad_jax.inference.transport import (HIGHEST, BankBlocks, BlockCosts, GroupSolve, TransportRun,
+from nexvitad_jax.inference.transport import (HIGHEST, BankBlocks, BlockCosts, GroupSolve, Shard, TransportRun,
                                                TransportSolution, group_solves, squared_distances_from_norms,
                                                transport_rows)
+from nexvitad_jax.sharding import DATA_AXIS, make_mesh, replicated, row_sharding
 
 __all__ = ["DEFAULT_EPSILON", "KMeansResult", "SolverOptions", "SweepResult", "sinkhorn_kmeans", "squared_distances",
            "sweep_k", "total_variance", "transport_assignments"]
@@ -120,10 +130,12 @@ def squared_distances(x: jax.Array, prototypes: jax.Array) -> jax.Array:
                                         jnp.sum(prototypes * prototypes, axis=-1))
 
 
-def total_variance(x: jax.Array) -> jax.Array:
-    """mean_i ||x_i - mean(x)||^2: the cost scale epsilon and the shift are relative to."""
-    centered = x - jnp.mean(x, axis=0)
-    return jnp.maximum(jnp.mean(jnp.sum(centered * centered, axis=1)), jnp.finfo(x.dtype).tiny)
+def total_variance(x: jax.Array, shard: Shard | None = None) -> jax.Array:
+    """mean_i ||x_i - mean(x)||^2: the cost scale epsilon and the shift are relative to. `x`: the
+    rows of the bank `shard` says (default: the whole bank)."""
+    shard = Shard.whole(x.shape[0]) if shard is None else shard
+    centered = x - shard.mean(x)
+    return jnp.maximum(shard.mean(jnp.sum(centered * centered, axis=1)), jnp.finfo(x.dtype).tiny)
 
 
 @jax.jit
@@ -279,7 +291,7 @@ def _iteration(fit: _Fit, state: _State) -> _State:
     runs = _RunState(f=solved.f, g=jnp.where(mask, solved.g - moved_sq, 0.0), shift=shift,
                      sinkhorn_converged=solved.converged, sinkhorn_iterations=solved.sinkhorn_iterations,
                      newton_steps=solved.newton_passes,
-                     soft_objective=soft_cost / fit.bank.x.shape[0],
+                     soft_objective=soft_cost / fit.bank.shard.total,
                      cluster_sizes=jnp.where(mask, fit.layout.pad(counts), 0.0), potentials=potentials)
     return _advance(fit, state, moved, runs)
 
@@ -322,7 +334,8 @@ def _soft_assignment_sums(fit: _Fit, costs: BlockCosts, g):
     layout, dtype = fit.layout, fit.bank.x.dtype
     zeros = (jnp.zeros((len(layout.run), fit.bank.x.shape[1]), dtype), jnp.zeros((len(layout.run),), dtype),
              jnp.zeros((len(layout.ks),), dtype))
-    sums, counts, soft_cost = fit.bank.blocks(functools.partial(_soft_assignment_block, fit, costs, g), zeros)
+    sums, counts, soft_cost = fit.bank.shard.sum(
+        fit.bank.blocks(functools.partial(_soft_assignment_block, fit, costs, g), zeros))
     return sums[layout.from_group_order], counts[layout.from_group_order], soft_cost[layout.runs_from_group_order]
 
 
@@ -378,7 +391,7 @@ def _mean_nearest_cost(fit: _Fit, prototypes):
     costs = BlockCosts(fit.bank, None, prototypes, jnp.sum(prototypes * prototypes, axis=1))
     total = fit.bank.blocks(functools.partial(_nearest_cost_block, fit.layout, costs),
                             jnp.zeros((len(fit.layout.ks),), fit.bank.x.dtype))
-    return total / fit.bank.x.shape[0]
+    return fit.bank.shard.sum(total) / fit.bank.shard.total
 
 
 def _nearest_cost_block(layout: SweepLayout, costs: BlockCosts, c, total):
@@ -387,12 +400,13 @@ def _nearest_cost_block(layout: SweepLayout, costs: BlockCosts, c, total):
     return total + jnp.sum(jnp.where(fresh, nearest, 0.0), axis=1)
 
 
-def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], options: SolverOptions):
-    """Sinkhorn K-means runs for every K in `ks` from compact initial prototypes `init` (sum K, D)."""
+def _fit(shard: Shard, x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], options: SolverOptions):
+    """Sinkhorn K-means runs for every K in `ks` from compact initial prototypes `init` (sum K, D);
+    `x` holds the rows of the bank `shard` says."""
     layout = SweepLayout(ks, options.group_pad_ratio)
-    n, d = x.shape
-    bank = BankBlocks.of(x, jnp.sum(x * x, axis=1), layout.block_rows(n, options))
-    scale = total_variance(x)
+    n, d = x.shape  # this device's rows: its memory decides the blocking and whether costs are stored
+    bank = BankBlocks.of(x, jnp.sum(x * x, axis=1), layout.block_rows(n, options), shard)
+    scale = total_variance(x, shard)
     eps = epsilon * scale
     fit = _Fit(layout, bank, scale, eps, layout.stores_costs(n, d, x.dtype.itemsize, options),
                group_solves(bank, eps, [group.k for group in layout.groups], options), tol, max_iters)
@@ -407,15 +421,90 @@ def _fit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], options: Solv
     return state.prototypes, result
 
 
-_fit_jit = jax.jit(_fit, static_argnames=("ks", "options"))
-
-
-@functools.partial(jax.jit, static_argnames=("ks", "options"))
-def _seeded_fit(x, rng, epsilon, tol, max_iters, *, ks: tuple[int, ...], options: SolverOptions):
-    """k-means++ for max K, then every run from its first K centers: one program."""
-    centers = kmeans_plus_plus(x, max(ks), rng, options=options)
+def _seeded(shard: Shard, x, rng, epsilon, tol, max_iters, *, ks: tuple[int, ...], options: SolverOptions):
+    """k-means++ for max K, then every run from its first K centers."""
+    centers = kmeans_plus_plus(x, max(ks), rng, options=options, shard=shard)
     first_centers = SweepLayout(ks, options.group_pad_ratio).first_centers
-    return _fit(x, centers[first_centers], epsilon, tol, max_iters, ks=ks, options=options)
+    return _fit(shard, x, centers[first_centers], epsilon, tol, max_iters, ks=ks, options=options)
+
+
+def _over_rows(fit, x, *replicated_args, mesh: Mesh | None, rows: int | None):
+    """fit(shard, x, *replicated_args) on the bank `x`: on one device (mesh None), or with x's rows
+    split over the mesh's data axis (`jax.shard_map`): each device runs the fit on its rows, and
+    only the reductions of its passes cross devices. `rows`: the bank's real rows (x may be padded
+    at its end to a multiple of the device count; default: all of x)."""
+    rows = x.shape[0] if rows is None else rows
+    if mesh is None:
+        return fit(Shard.whole(rows), x, *replicated_args)
+    local = lambda x, *args: fit(Shard.split(DATA_AXIS, x.shape[0], rows), x, *args)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS),) + (P(),) * len(replicated_args), out_specs=P(),
+                         check_vma=False)(x, *replicated_args)
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "options", "mesh", "rows"))
+def _fit_jit(x, init, epsilon, tol, max_iters, *, ks: tuple[int, ...], options: SolverOptions,
+             mesh: Mesh | None = None, rows: int | None = None):
+    """`_fit` as one program, from given initial prototypes."""
+    return _over_rows(functools.partial(_fit, ks=ks, options=options), x, init, epsilon, tol, max_iters, mesh=mesh,
+                      rows=rows)
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "options", "mesh", "rows"))
+def _seeded_fit(x, rng, epsilon, tol, max_iters, *, ks: tuple[int, ...], options: SolverOptions,
+                mesh: Mesh | None = None, rows: int | None = None):
+    """k-means++ for max K, then every run from its first K centers: one program."""
+    return _over_rows(functools.partial(_seeded, ks=ks, options=options), x, rng, epsilon, tol, max_iters, mesh=mesh,
+                      rows=rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# where the bank lies
+
+
+def _bank_mesh(x) -> Mesh | None:
+    """The 1-D data mesh over the devices holding `x`, or None when one device holds all of it
+    (a numpy bank goes to the default device, as a single-device array stays where it is)."""
+    if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+        return None
+    sharding = x.sharding
+    if isinstance(sharding, NamedSharding) and sharding.mesh.axis_names == (DATA_AXIS,):
+        return sharding.mesh
+    if isinstance(sharding, NamedSharding):
+        return make_mesh(sharding.mesh.devices.reshape(-1))
+    return make_mesh(sorted(sharding.device_set, key=lambda device: device.id))
+
+
+@functools.partial(jax.jit, static_argnames=("pad", "sharding"))
+def _rows_padded(x, *, pad: int, sharding: NamedSharding):
+    return jax.lax.with_sharding_constraint(jnp.pad(x, ((0, pad), (0, 0))), sharding)
+
+
+def _place_bank(x: jax.Array) -> tuple[jax.Array, Mesh | None]:
+    """(the bank as the fit reads it, the mesh it is spread over or None). A bank on several
+    devices is laid out along its rows over them, padded at its end to a multiple of the device
+    count: a bank split along its rows stays as it is and a replicated one is sliced where it lies
+    (neither moves between devices); any other layout is resharded once."""
+    mesh = _bank_mesh(x)
+    if mesh is None:
+        return x, None
+    pad, sharding = -x.shape[0] % mesh.size, row_sharding(mesh)
+    if pad or not x.sharding.is_equivalent_to(sharding, x.ndim):
+        x = _rows_padded(x, pad=pad, sharding=sharding)
+    return x, mesh
+
+
+def _replicated_on(mesh: Mesh | None, *args):
+    """Small arguments (key, scalars, initial prototypes) on every device of the bank's mesh, from
+    their host values (on several hosts each holds the same ones)."""
+    if mesh is None:
+        return args
+
+    def place(arg):
+        if jax.dtypes.issubdtype(arg.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(place(jax.random.key_data(arg)), impl=jax.random.key_impl(arg))
+        return jax.device_put(np.asarray(arg), replicated(mesh))
+
+    return tuple(place(arg) for arg in args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,23 +516,27 @@ def sinkhorn_kmeans(x, k: int, *, rng: jax.Array, epsilon: float = DEFAULT_EPSIL
                     options: SolverOptions = SolverOptions()) -> tuple[jax.Array, KMeansResult]:
     """Cluster the rows of `x` (N, D) into `k` balanced prototypes.
 
+    x: a numpy array or a jax.Array; one on several devices (split along its rows over the data
+    mesh, `nexvitad_jax.sharding.row_sharding`, or replicated) stays there: each device keeps its
+    rows and only reductions cross devices (module docstring). The result is the one-device result.
     epsilon: entropic regularization relative to the bank's total variance (module docstring).
     tol: stop when the largest prototype move, relative to sqrt(total variance), is <= tol.
     init: optional (k, D) starting prototypes instead of k-means++ from `rng`.
     options: the solver's knobs (`SolverOptions`); other options compile another program.
-    Returns (prototypes (k, D), KMeansResult).
+    Returns (prototypes (k, D), KMeansResult); replicated over the bank's devices.
     """
     k = _check_k(k)
     x = _check_bank(x, k)
-    traced = _traced_arguments(x, epsilon, tol, max_iters, options)
-    if init is None:
-        prototypes, result = _seeded_fit(x, rng, *traced, ks=(k,), options=options)
-    else:
-        init = jnp.asarray(init, x.dtype)
-        if init.shape != (k, x.shape[1]):
+    epsilon, tol, max_iters = _traced_arguments(x, epsilon, tol, max_iters, options)
+    fit, start = _seeded_fit, rng  # k-means++ from rng, or the given prototypes
+    if init is not None:
+        fit, start = _fit_jit, np.asarray(init, x.dtype)
+        if start.shape != (k, x.shape[1]):
             raise UserInputError(f"init: expected ({k}, {x.shape[1]}) prototypes (K, D of x), "
-                                 f"got shape {tuple(init.shape)}")
-        prototypes, result = _fit_jit(x, init, *traced, ks=(k,), options=options)
+                                 f"got shape {tuple(start.shape)}")
+    rows, (x, mesh) = x.shape[0], _place_bank(x)
+    start, epsilon, tol = _replicated_on(mesh, start, epsilon, tol)
+    prototypes, result = fit(x, start, epsilon, tol, max_iters, ks=(k,), options=options, mesh=mesh, rows=rows)
     return prototypes, jax.tree.map(lambda field: field[0], result)
 
 
@@ -465,8 +558,10 @@ def sweep_k(x, ks: Sequence[int], *, rng: jax.Array, epsilon: float = DEFAULT_EP
     if not ks:
         raise UserInputError("ks: expected at least one cluster count")
     x = _check_bank(x, max(ks))
-    prototypes, result = _seeded_fit(x, rng, *_traced_arguments(x, epsilon, tol, max_iters, options), ks=ks,
-                                     options=options)
+    epsilon, tol, max_iters = _traced_arguments(x, epsilon, tol, max_iters, options)
+    rows, (x, mesh) = x.shape[0], _place_bank(x)
+    rng, epsilon, tol = _replicated_on(mesh, rng, epsilon, tol)
+    prototypes, result = _seeded_fit(x, rng, epsilon, tol, max_iters, ks=ks, options=options, mesh=mesh, rows=rows)
     offsets = np.cumsum([0, *ks])
     return SweepResult(ks=ks, prototypes=[prototypes[offsets[i]:offsets[i + 1]] for i in range(len(ks))],
                        objective=result.objective, result=result)

@@ -31,7 +31,7 @@ def build_model(config, num_source: int, num_target: int) -> NexViTAD:
         backbones = {family: _backbone(family, spec, loaded, rngs, dtype) for family in BACKBONES}
         return NexViTAD(backbones["hiera"], backbones["dinov2"], num_source, num_target,
                         shared_source_head=bool(spec.shared_source_head),
-                        decoder_channels=tuple(spec.decoder_channels),
+                        decoder_channels=tuple(spec.decoder_channels), upconv=str(spec.upconv),
                         pseudo_label_hidden=tuple(spec.pseudo_label_hidden), dtype=dtype, rngs=rngs)
 
     stand_ins = nnx.Any(*(nnx.PathContains(family) for family in loaded)) if loaded else nnx.Nothing

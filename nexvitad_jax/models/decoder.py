@@ -1,9 +1,10 @@
 """NexViTAD multi-task decoder heads (paper section 3.1.2), stacked so heads of one shape run as
 one vmapped computation.
 
-- `SegmentationHead`: U-Net over F_4..F_1 (eq. 4): 2x2 stride-2 transposed conv, concat skip,
-  ConvBlock (3x3 conv, BatchNorm, ReLU) with 256, 128, 64 channels, bilinear upsample to H x W,
-  a final ConvBlock and a 1x1 conv to 2 logits.
+- `SegmentationHead`: U-Net over F_4..F_1 (eq. 4): 2x2 stride-2 transposed conv (to the block's
+  width, or keeping the coarse width: `UPCONV`), concat skip, ConvBlock (3x3 conv, BatchNorm,
+  ReLU) with 256, 128, 64 channels, bilinear upsample to H x W, a final ConvBlock and a 1x1 conv
+  to 2 logits.
 - `PseudoLabelHead`: 1x1 convs 2 d_3 -> 64 -> 32 -> 2 on F_3 (ReLU between), logits upsampled
   bilinearly to H x W.
 - `StackedHeads`: n heads of one kind with a leading head axis on every variable.
@@ -17,7 +18,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.models.encoder import resize_bilinear
+
+# The segmentation head's transposed convolution (the paper's Up(.), widths unstated), by name:
+# "width": coarse -> the block's width, then concat skip and ConvBlock(width + skip, width), as a
+# standard U-Net; "keep": the coarse channels kept through it, ConvBlock(coarse + skip, width)
+# (a 2x2 4096 -> 4096 transposed conv at Hiera-Huge; sizes and FLOPs in benchmarks/results/upconv.json).
+UPCONV = ("width", "keep")
 
 
 class ConvBlock(nnx.Module):
@@ -30,35 +38,45 @@ class ConvBlock(nnx.Module):
         self.norm = nnx.BatchNorm(out_channels, momentum=0.9, epsilon=1e-5, use_fast_variance=False,
                                   dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train).astype(x.dtype))
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """`mask` (B,): the examples whose statistics BatchNorm takes in training (None: all); the
+        others, padding, are normalized with those statistics and count in none."""
+        example_mask = None if mask is None else mask.reshape(-1, *(1,) * (x.ndim - 1))
+        return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train, mask=example_mask).astype(x.dtype))
 
 
 class SegmentationHead(nnx.Module):
-    """U-Net decoder over the interleaved features (eq. 4) -> (B, H, W, 2) logits."""
+    """U-Net decoder over the interleaved features (eq. 4) -> (B, H, W, 2) logits.
+
+    `upconv`: what the 2x2 stride-2 transposed convolution maps to (see `UPCONV`)."""
 
     def __init__(self, feature_dims: tuple[int, ...], channels: tuple[int, ...] = (256, 128, 64), *,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 upconv: str = "width", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if len(channels) != len(feature_dims) - 1:
             raise ValueError(f"{len(feature_dims)} feature maps need {len(feature_dims) - 1} decoder widths, "
                              f"got {channels}")
+        if upconv not in UPCONV:
+            raise UserInputError(f"model.upconv {upconv!r}: expected one of {sorted(UPCONV)}")
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         ups, blocks = [], []
         coarse = feature_dims[-1]
         for skip, width in zip(reversed(feature_dims[:-1]), channels):
-            ups.append(nnx.ConvTranspose(coarse, coarse, (2, 2), strides=(2, 2), padding="VALID", **kw))
-            blocks.append(ConvBlock(coarse + skip, width, **kw))
+            up_width = width if upconv == "width" else coarse
+            ups.append(nnx.ConvTranspose(coarse, up_width, (2, 2), strides=(2, 2), padding="VALID", **kw))
+            blocks.append(ConvBlock(up_width + skip, width, **kw))
             coarse = width
         self.ups = nnx.List(ups)
         self.blocks = nnx.List(blocks)
         self.final_block = ConvBlock(coarse, coarse, **kw)
         self.classifier = nnx.Conv(coarse, 2, (1, 1), **kw)
 
-    def __call__(self, features: tuple[jax.Array, ...], image_hw: tuple[int, int], train: bool) -> jax.Array:
+    def __call__(self, features: tuple[jax.Array, ...], image_hw: tuple[int, int], train: bool,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """`mask` (B,): the examples BatchNorm's statistics span (ConvBlock); None: all."""
         x = features[-1]
         for up, block, skip in zip(self.ups, self.blocks, reversed(features[:-1])):
-            x = block(jnp.concatenate([up(x), skip.astype(x.dtype)], axis=-1), train)
-        x = self.final_block(resize_bilinear(x, image_hw), train)
+            x = block(jnp.concatenate([up(x), skip.astype(x.dtype)], axis=-1), train, mask)
+        x = self.final_block(resize_bilinear(x, image_hw), train, mask)
         return self.classifier(x).astype(jnp.float32)
 
 
@@ -94,17 +112,19 @@ class StackedHeads(nnx.Module):
 
         self.heads = create(rngs)
 
-    def __call__(self, inputs, *args, per_head_inputs: bool = True, **kwargs):
-        """Inputs: a pytree whose leaves have a leading head axis (per_head_inputs) or are shared."""
+    def __call__(self, inputs, *args, per_head_inputs: bool = True, mask: jax.Array | None = None, **kwargs):
+        """Inputs: a pytree whose leaves have a leading head axis (per_head_inputs) or are shared.
+        `mask` (given to heads that take one): per example, laid out like the inputs' leading axes."""
         # A raw jax.vmap over the split state (not nnx.vmap), so the heads also run inside raw
         # transforms (jax.value_and_grad over a merged state) whatever the variables' trace levels.
         graphdef, state = nnx.split(self.heads)
 
-        def apply(head_state, head_inputs):
+        def apply(head_state, head_inputs, head_mask):
             head = nnx.merge(graphdef, head_state)
-            output = head(head_inputs, *args, **kwargs)
+            output = head(head_inputs, *args, **kwargs, **({} if head_mask is None else {"mask": head_mask}))
             return output, nnx.state(head)
 
-        outputs, new_state = jax.vmap(apply, in_axes=(0, 0 if per_head_inputs else None))(state, inputs)
+        input_axis = 0 if per_head_inputs else None
+        outputs, new_state = jax.vmap(apply, in_axes=(0, input_axis, input_axis))(state, inputs, mask)
         nnx.update(self.heads, new_state)
         return outputs

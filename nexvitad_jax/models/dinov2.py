@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nexvitad_jax.errors import UserInputError
-from nexvitad_jax.models.layers import ACTIVATIONS, config_from_dict, resize_position_embeddings
+from nexvitad_jax.models.layers import (ACTIVATIONS, config_from_dict, dot_product_attention,
+                                       resize_position_embeddings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,30 +145,24 @@ VARIANTS: dict[str, Dinov2Config] = {
 # ----------------------------------------------------------------------------------------------
 # Modules.
 
-def _attention_core(qkv: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(d)) v for qkv (..., 3, T, d); softmax in float32, normalized after the product."""
-    query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    scores = (query @ key.swapaxes(-1, -2)).astype(jnp.float32) * (qkv.shape[-1] ** -0.5)
-    weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
-    attended = weights.astype(value.dtype) @ value
-    return (attended * (1.0 / weights.sum(axis=-1, keepdims=True))).astype(value.dtype)
+def multi_head_attention(query: jax.Array, key: jax.Array, value: jax.Array,
+                         cache_bytes: int = 1 << 20) -> jax.Array:
+    """Attention for (B, T, heads, head_dim) queries, keys and values -> (B, T, heads, head_dim).
 
-
-def multi_head_attention(qkv: jax.Array, cache_bytes: int = 1 << 20) -> jax.Array:
-    """Attention for qkv (B, heads, 3, T, head_dim) -> (B, heads, T, head_dim).
-
-    On CPU the (B*heads, T, T) scores of a whole batch spill out of cache (12 MB for ViT-S/14 at
-    224, batch 8), so the (batch, head) pairs run in groups whose scores fit in ~1 MB, which XLA:CPU
-    runs faster than the whole batch at once. Accelerators take the whole batch at once.
+    On CPU the (B, heads, T, T) scores of a whole batch spill out of cache (12 MB for ViT-S/14 at
+    224, batch 8), so groups of images whose scores fit in `cache_bytes` (at least one image) run
+    one after another, which XLA:CPU runs faster than the whole batch at once, with the fused op as
+    with the hand-written one (benchmarks/results/attention_cpu.json). Accelerators take the whole
+    batch at once.
     """
-    batch, heads, _, tokens, head_dim = qkv.shape
-    pairs = batch * heads
-    group = max(1, cache_bytes // (tokens * tokens * 4))
-    if jax.default_backend() != "cpu" or group >= pairs:
-        return _attention_core(qkv)
-    group = max(g for g in range(1, group + 1) if pairs % g == 0)
-    attended = jax.lax.map(_attention_core, qkv.reshape(pairs // group, group, 3, tokens, head_dim))
-    return attended.reshape(batch, heads, tokens, head_dim)
+    batch, tokens, heads, head_dim = query.shape
+    group = max(1, cache_bytes // (heads * tokens * tokens * 4))
+    if jax.default_backend() != "cpu" or group >= batch:
+        return dot_product_attention(query, key, value)
+    group = max(g for g in range(1, group + 1) if batch % g == 0)
+    grouped = tuple(t.reshape(batch // group, group, tokens, heads, head_dim) for t in (query, key, value))
+    attended = jax.lax.map(lambda qkv: dot_product_attention(*qkv), grouped)
+    return attended.reshape(batch, tokens, heads, head_dim)
 
 
 class Attention(nnx.Module):
@@ -182,9 +177,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, tokens, dim = x.shape
-        head_dim = dim // self.num_heads
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, head_dim).transpose(0, 3, 2, 1, 4)
-        attended = multi_head_attention(qkv).transpose(0, 2, 1, 3)
+        # (B, T, 3, heads, head_dim): query, key and value in dot_product_attention's layout, no transposes.
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        attended = multi_head_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.proj(attended.reshape(batch, tokens, dim))
 
 

@@ -3,7 +3,8 @@
 - dtypes by config name (`DTYPES`, `dtype_named`);
 - image normalization with the ImageNet statistics both backbones were trained with;
 - the exact (erf) GELU as a float32 rational polynomial, and the activation table of HF names;
-- the position-embedding resize with PyTorch's bicubic numerics (HF `interpolate_pos_encoding`).
+- the position-embedding resize with PyTorch's bicubic numerics (HF `interpolate_pos_encoding`);
+- softmax attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies).
 """
 
 from __future__ import annotations
@@ -80,6 +81,40 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention.
+
+# cuDNN's fused (flash) attention takes bf16 / fp16 inputs and head widths that are multiples of 8
+# up to 128 (256 from Hopper on; jax checks it at trace time, the bound here is the one every GPU has).
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD_DIM = 128
+
+
+def attention_implementation(dtype, head_dim: int, platform: str) -> str | None:
+    """`jax.nn.dot_product_attention`'s implementation for inputs of this dtype and head width on a
+    platform ('cpu', 'cuda', 'rocm', 'tpu', ...): "cudnn" where cuDNN's fused kernel applies, None
+    (XLA) elsewhere. jax 0.10's `implementation=None` is always XLA, so cuDNN is asked for by name."""
+    fits = jnp.dtype(dtype) in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+    return "cudnn" if platform == "cuda" and fits else None
+
+
+def _platform() -> str:
+    """'cuda' on an NVIDIA GPU (whose platform_version names CUDA), else the backend's name."""
+    backend = jax.default_backend()
+    if backend == "gpu" and "cuda" in jax.devices()[0].client.platform_version.lower():
+        return "cuda"
+    return backend
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(head_dim)) v for (B, T, N, H) queries and (B, S, N, H) keys and values
+    -> (B, T, N, H). XLA's version (on CPU, and for float32 anywhere) takes the logits and the
+    softmax in float32 for bf16 inputs too, the probabilities cast back to bf16 for the product with
+    v; cuDNN's (bf16 on an NVIDIA GPU) accumulates and normalizes in float32."""
+    implementation = attention_implementation(query.dtype, query.shape[-1], _platform())
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,16 +30,16 @@ class NexViTAD(nnx.Module):
 
     def __init__(self, hiera: nnx.Module, dinov2: nnx.Module, num_source: int, num_target: int, *,
                  shared_source_head: bool = False, decoder_channels: tuple[int, ...] = (256, 128, 64),
-                 pseudo_label_hidden: tuple[int, ...] = (64, 32), dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 upconv: str = "width", pseudo_label_hidden: tuple[int, ...] = (64, 32), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_source = num_source
         self.num_target = num_target
         self.shared_source_head = shared_source_head
         self.dtype = dtype
         self.encoder = Encoder(hiera, dinov2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         feature_dims = tuple(2 * d for d in self.encoder.stage_dims)
-        make_segmentation = functools.partial(SegmentationHead, feature_dims, tuple(decoder_channels), dtype=dtype,
-                                              param_dtype=param_dtype)
+        make_segmentation = functools.partial(SegmentationHead, feature_dims, tuple(decoder_channels), upconv=upconv,
+                                              dtype=dtype, param_dtype=param_dtype)
         make_pseudo_label = functools.partial(PseudoLabelHead, feature_dims[2], tuple(pseudo_label_hidden),
                                               dtype=dtype, param_dtype=param_dtype)
         self.source_heads = StackedHeads(1 if shared_source_head else num_source,
@@ -53,18 +53,20 @@ class NexViTAD(nnx.Module):
         return self.encoder(normalize(images).astype(self.dtype), kind=kind)
 
     # -- decoder ---------------------------------------------------------------------------------
-    def source_logits(self, features, image_hw, train: bool) -> jax.Array:
-        """features: per layer (C_s, b, h, w, c) -> logits (C_s, b, H, W, 2), head s on class s."""
+    def source_logits(self, features, image_hw, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """features: per layer (C_s, b, h, w, c) -> logits (C_s, b, H, W, 2), head s on class s.
+        `mask` (C_s, b): the examples BatchNorm's statistics span (None: all; the rest is padding)."""
         if self.shared_source_head:
             classes, batch = features[0].shape[:2]
             merged = tuple(f.reshape(1, classes * batch, *f.shape[2:]) for f in features)
-            logits = self.source_heads(merged, image_hw, train)
+            logits = self.source_heads(merged, image_hw, train, mask=None if mask is None else mask.reshape(1, -1))
             return logits.reshape(classes, batch, *logits.shape[2:])
-        return self.source_heads(features, image_hw, train)
+        return self.source_heads(features, image_hw, train, mask=mask)
 
-    def target_logits(self, features, image_hw, train: bool) -> jax.Array:
-        """features: per layer (C_t, b, h, w, c) -> segmentation logits (C_t, b, H, W, 2)."""
-        return self.target_heads(features, image_hw, train)
+    def target_logits(self, features, image_hw, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """features: per layer (C_t, b, h, w, c) -> segmentation logits (C_t, b, H, W, 2); `mask`
+        (C_t, b) as for `source_logits`."""
+        return self.target_heads(features, image_hw, train, mask=mask)
 
     def pseudo_label_logits(self, features, image_hw, per_class_inputs: bool = True) -> jax.Array:
         """F_3 of (C_t, b, ...) (per_class_inputs) or of (b, ...) given to every head -> (C_t, b, H, W, 2)."""

@@ -69,6 +69,10 @@ class Checkpoints:
                  "metadata": ocp.args.JsonSave(metadata)}
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write (the save interval)."""
+        return self.manager.should_save(step)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
