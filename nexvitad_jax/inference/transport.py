@@ -24,8 +24,8 @@ Memory: passes go over the bank block by block (`BankBlocks`). The (N, K) cost i
 Over devices: the bank's rows may be spread over a mesh axis (`Shard`, inside `jax.shard_map`);
 every pass then runs on each device's rows and its reductions (the column marginal, the Hessian,
 the gain) are summed across devices, and OTT's Sinkhorn runs on a geometry whose sums over the rows
-span the devices (`_DenseAcrossDevices`, `_PointCloudInBlocks`). The potentials g and the K x K system are replicated; the
-row potentials and the costs stay with their rows.
+span the devices (`_DenseAcrossDevices`, `_PointCloudInBlocks`). The potentials g and the K x K
+system are replicated; the row potentials and the costs stay with their rows.
 
 The measurements behind these choices are in `benchmarks/results/kmeans.json` (`notes`).
 """
