@@ -8,10 +8,8 @@ Each section runs in a process of its own under a deadline: over it, the process
 section recorded as "cut" with what it had written so far. A section writes DIR/SECTION.json as it
 goes (status "running", then "ok", "skipped" with its reason, or "failed" with the error) and its
 output to DIR/logs/SECTION.log; after each section DIR/device_check.json (every section) and
-DIR/summary.md (one line each) are rewritten. Sections, in order:
+DIR/summary.md (one line each) are rewritten. Sections, in order (the last three side by side):
 - environment: jax, CUDA, device kind and memory, torch and transformers, the installed packages;
-- weights: pretrained Hiera / DINOv2 weights on this machine's disk (the HF and torch hub caches,
-  a `find /` under a time limit), each converted with `python -m converters ... --verify`;
 - parity: Hiera-Huge and DINOv2-S (random weights, full size) against transformers on the same
   device, fp32 (default and highest matmul precision) and bf16;
 - kmeans: `sweep_k` for K = 8..4096 at N = 10^6, D = 1024 (goal < 60 s);
@@ -21,9 +19,11 @@ DIR/summary.md (one line each) are rewritten. Sections, in order:
   against the bf16 matmul peak measured here (`benchmarks.backbones.bench_model`; goals >= 1.3x
   torch.compile, >= 40 % MFU for Hiera-Huge + DINOv2-S);
 - train_step_jax, train_step_torch: the paper config's phase-2 step (random weights, 11/1, 4 images
-  per class: 52 images) in fp32 and bf16, images/s and MFU, JAX vs the PyTorch reference of
-  benchmarks/train_step.py eager and compiled (goals >= 1.5x eager, >= 1.0x compiled); the two
-  frameworks in separate processes, so each has the whole device;
+  per class: 52 images) in fp32 and bf16, images/s and MFU, the step's GPU memory and longest
+  kernels, JAX vs the PyTorch reference of benchmarks/train_step.py eager and compiled (goals >= 1.5x
+  eager, >= 1.0x compiled); the two frameworks in separate processes, so each has the whole device;
+- weights: pretrained Hiera / DINOv2 weights on this machine's disk (the HF and torch hub caches,
+  a `find /` under a time limit), each converted with `python -m converters ... --verify`;
 - e2e_default, e2e_paper: `nexvitad run` with no arguments, and the paper config with random
   full-size backbones on the synthetic set at 224 px for a few steps, end to end.
 --smoke runs each at tiny sizes on the CPU (tests/test_device_check.py): the machinery, not the figures.
@@ -530,7 +530,33 @@ def jax_train_row(config, split: tuple[int, int], rounds: int, peak: float) -> d
     return {"images_per_step": images, "compile_s": compile_s, "step_s": seconds, "images_per_s": images / seconds,
             "step_tflop": flops / 1e12, "mfu": flops / seconds / peak,
             "memory_analysis": {k: int(getattr(memory, k)) for k in dir(memory) if k.endswith("_in_bytes")},
-            "device_peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+            "device_peak_bytes_in_use": stats.get("peak_bytes_in_use"), "top_ops_ms": top_ops_ms(step, compiled)}
+
+
+def top_ops_ms(run: Callable[[], None], compiled, count: int = 15) -> list[dict]:
+    """Where one call of `run` spends its time: a profiler trace of it, the XLA ops' (GPU kernels',
+    CPU thunks') durations summed by name, longest first, each with its HLO instruction."""
+    import glob
+    import gzip
+
+    import jax
+
+    folder = tempfile.mkdtemp(prefix="device_check_trace_")
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    try:
+        run()
+    finally:
+        jax.profiler.stop_trace()
+    trace = json.load(gzip.open(glob.glob(f"{folder}/**/perfetto_trace.json.gz", recursive=True)[0]))
+    totals: dict[str, float] = {}
+    for event in trace["traceEvents"]:
+        name = event.get("name", "")
+        if event.get("ph") == "X" and not name.startswith("$") and "::" not in name and "(" not in name:  # ops only
+            totals[name] = totals.get(name, 0.0) + event.get("dur", 0) / 1e3
+    hlo = {line.split(" = ")[0].strip().lstrip("%"): line.strip()[:300] for line in compiled.as_text().splitlines()
+           if " = " in line}
+    return [{"op": name, "ms": round(ms, 3), "hlo": hlo.get(name, "")}
+            for name, ms in sorted(totals.items(), key=lambda item: -item[1])[:count]]
 
 
 def flops_of(lowered) -> float:

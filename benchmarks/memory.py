@@ -18,7 +18,9 @@ argument + output - alias + temp. Programs:
 for fp32 and bf16 compute (`model.dtype`; parameters stay fp32) and, where the config has
 `model.upconv`, for each of its settings.
 
-    python benchmarks/memory.py        # CPU compilation, ~30 min on 2 cores; benchmarks/results/memory.json
+    python benchmarks/memory.py        # CPU compilation, ~45 min on 2 cores; benchmarks/results/memory.json
+    python benchmarks/memory.py --parts kmeans   # the K-means rows again, the others kept
+    python benchmarks/memory.py --table          # the Markdown table of BUILD.md ("Memory on one GPU")
     python benchmarks/memory.py --quick --out /tmp/memory.json   # batch 13 only, fp32, no K sweep
 
 Compiled for XLA:CPU the figures estimate a GPU's: XLA:GPU fuses differently and adds cuDNN and
@@ -196,36 +198,15 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| {program} | {name} | " + " | ".join(cells) + " | "
                          + " / ".join("none" if f is None else str(f) for f in fitting.values()) + " |")
     for row in report.get("kmeans", []):
-        lines.append(f"| K-means N = {row['n']:.0e}, D = {row['d']}, K = {row['ks'][0]}..{row['ks'][-1]} | fp32 | "
-                     + gib(row["peak_bytes"]) + " |" * len(batches) + " "
+        ks = f"K = {row['ks'][0]}" + (f"..{row['ks'][-1]} (sweep)" if len(row["ks"]) > 1 else "")
+        lines.append(f"| Sinkhorn K-means, N = {row['n']:,}, D = {row['d']}, {ks} | float32 | {gib(row['peak_bytes'])}"
+                     + " | -" * (len(batches) - 1) + " | "
                      + " / ".join("fits" if ok else "no" for ok in row["fits"].values()) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="global batch 13, fp32, no K-means: a smoke run")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "memory.json")
-    parser.add_argument("--table", action="store_true", help="print BUILD.md's Markdown table of --out and stop")
-    args = parser.parse_args(argv)
-    if args.table:
-        print(markdown_table(json.loads(args.out.read_text())), end="")
-        return 0
-    import jax
-
-    dtypes = ["float32"] if args.quick else args.dtypes.split(",")
-    per_class = PER_CLASS[:1] if args.quick else PER_CLASS
-    report = {"command": "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "backend": jax.default_backend(), "jax": jax.__version__, "platform": platform.platform(),
-              "cpu_cores": len(os.sched_getaffinity(0)), "split": "11/1", "image_size": 224,
-              "devices_bytes": DEVICES, "memory_fraction": MEMORY_FRACTION,
-              "peak": "argument + output - alias + temp", "variants": {}}
-
-    def write() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-
+def measure_models(dtypes: list[str], per_class: tuple[int, ...], report: dict, write) -> None:
+    """Every (upconv, dtype) variant's programs into report["variants"], written as they come."""
     for upconv in upconv_settings():
         for dtype in dtypes:
             name = dtype if upconv is None else f"{dtype} upconv={upconv}"
@@ -240,10 +221,45 @@ def main(argv=None) -> int:
                                           for program in ("train phase 2", "bank path", "decoder")}
             record(rows)
             print(f"{name}: {variant['largest_fitting']}", flush=True)
-    if not args.quick:
-        report["kmeans"] = kmeans_rows()
-        for row in report["kmeans"]:
-            row["fits"] = fits(row["peak_bytes"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="global batch 13, fp32, no K-means: a smoke run")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--parts", default="models,kmeans",
+                        help="models and/or kmeans; a part left out keeps its entries of --out")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "memory.json")
+    parser.add_argument("--table", action="store_true", help="print BUILD.md's Markdown table of --out and stop")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())), end="")
+        return 0
+    import jax
+
+    parts = {"models"} if args.quick else set(args.parts.split(","))
+    previous = json.loads(args.out.read_text()) if args.out.is_file() and not args.quick else {}
+    command = "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    commands = previous.get("commands", {"models": previous["command"]} if "command" in previous else {})
+    report = {"commands": commands | {part: command for part in parts},
+              "backend": jax.default_backend(), "jax": jax.__version__, "platform": platform.platform(),
+              "cpu_cores": len(os.sched_getaffinity(0)), "split": "11/1", "image_size": 224,
+              "devices_bytes": DEVICES, "memory_fraction": MEMORY_FRACTION,
+              "peak": "argument + output - alias + temp", "variants": {}}
+    if "models" not in parts and "variants" in previous:  # a part not measured keeps its figures
+        report["variants"] = previous["variants"]
+    if "kmeans" not in parts and "kmeans" in previous:
+        report["kmeans"] = previous["kmeans"]
+
+    def write() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    if "models" in parts:
+        measure_models(["float32"] if args.quick else args.dtypes.split(","),
+                       PER_CLASS[:1] if args.quick else PER_CLASS, report, write)
+    if "kmeans" in parts:
+        report["kmeans"] = [row | {"fits": fits(row["peak_bytes"])} for row in kmeans_rows()]
         write()
     print(f"wrote {args.out}")
     return 0

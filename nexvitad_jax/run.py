@@ -141,7 +141,9 @@ def score_class(context: TargetContext, category: str, head: int) -> tuple[dict,
             else:
                 maps[method], maps[f"{method}_image_scores"] = context.decoder.predict(images, head, bar)
             timings[f"{method}_s"] = time.perf_counter() - tick
-    metrics = {method: evaluate_maps(maps[method], test.masks, maps[f"{method}_image_scores"], test.labels)
+    reason = test.unmasked_reason()
+    metrics = {method: evaluate_maps(maps[method], test.masks, maps[f"{method}_image_scores"], test.labels,
+                                     mask_known=test.mask_known, reason=reason)
                for method in context.methods}
     record = {"metrics": metrics, "timings": timings, "n_test": len(test), "n_anomalous": int(test.labels.sum())}
     return record, maps, test
@@ -154,7 +156,8 @@ def write_class_outputs(workdir: Path, category: str, record: dict, maps: dict, 
 
     for method in methods:
         atomic_savez(workdir / "maps" / f"{category}.{method}.npz", scores=maps[method], masks=test.masks,
-                     image_scores=maps[f"{method}_image_scores"], labels=test.labels)
+                     image_scores=maps[f"{method}_image_scores"], labels=test.labels,
+                     mask_known=test.mask_known)
     if writes_outputs():
         heatmap_grid(workdir / "heatmaps" / f"{category}.png", category, test, {m: maps[m] for m in methods})
     atomic_write(workdir / "classes" / f"{category}.json", json.dumps(record, indent=1) + "\n")

@@ -2,13 +2,16 @@
 
     nexvitad evaluate maps.npz [--names aupro,pixel_auroc] [--fpr-limit 0.3] [--out metrics.json]
 
-The .npz holds `scores` (N,H,W) and `masks` (N,H,W), and optionally `image_scores` (N,).
+The .npz holds `scores` (N,H,W) and `masks` (N,H,W), and optionally `image_scores` (N,), `labels` (N,)
+and `mask_known` (N,) (False for an anomalous image without a mask: the pixel metrics leave it out,
+the image metrics keep it), as `nexvitad run` writes them in maps/.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -38,6 +41,25 @@ def load_maps(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def evaluate_arrays(arrays: dict[str, np.ndarray], names, **options) -> dict[str, float]:
+    """`evaluate` on load_maps' arrays: the pixel metrics on the images whose mask is known, the
+    image metrics on every image (labels from `labels` when saved, else from the masks)."""
+    names = list(EVALUATORS) if names is None else names
+    known = np.asarray(arrays.get("mask_known", np.ones(len(arrays["scores"]), bool)), bool)
+    image_names = [name for name in names if name.startswith("image_")]
+    pixel_names = [name for name in names if name not in image_names]
+    if not known.all():
+        print(f"nexvitad evaluate: {int((~known).sum())} anomalous images have no mask; the pixel metrics "
+              "leave them out", file=sys.stderr)
+    results = {}
+    if pixel_names:
+        results.update(evaluate(arrays["scores"][known], arrays["masks"][known], pixel_names, **options))
+    if image_names:
+        results.update(evaluate(arrays["scores"], arrays["masks"], image_names, image_scores=arrays.get("image_scores"),
+                                image_labels=arrays.get("labels"), **options))
+    return {name: results[name] for name in names}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nexvitad evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("maps", type=Path, help=".npz with scores (N,H,W), masks (N,H,W)[, image_scores (N,)]")
@@ -50,8 +72,7 @@ def main(argv: list[str]) -> int:
 
     arrays = load_maps(args.maps)
     names = None if args.names is None else [n.strip() for n in args.names.split(",") if n.strip()]
-    results = evaluate(arrays["scores"], arrays["masks"], names, image_scores=arrays.get("image_scores"),
-                       fpr_limit=args.fpr_limit, backend=args.backend)
+    results = evaluate_arrays(arrays, names, fpr_limit=args.fpr_limit, backend=args.backend)
     for name, value in results.items():
         print(f"{name:<22} {value:.6f}")
     if args.out is not None:

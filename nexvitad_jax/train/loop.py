@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -61,12 +62,19 @@ def check_training_config(config, source: list[str], target: list[str]) -> None:
 
 
 def load_training_data(dataset, source: list[str], target: list[str], few_shot: int, seed: int):
-    """Source: every image of each source class with its mask (train/good + test). Target: the
-    few-shot normal images of each target class (`few_shot_images`, as the memory bank takes them)."""
+    """Source: every image of each source class with its mask (train/good + test); an anomalous image
+    without a mask (a folder spec may have them) would teach "no defect here", so it is left out.
+    Target: the few-shot normal images of each target class (`few_shot_images`, as the memory bank
+    takes them)."""
     source_data = []
     for category in source:
         parts = [dataset.load(category, split) for split in ("train", "test")]
-        source_data.append((np.concatenate([p.images for p in parts]), np.concatenate([p.masks for p in parts])))
+        known = np.concatenate([p.mask_known for p in parts])
+        if not known.all():
+            print(f"nexvitad train: source class {category}: {int((~known).sum())} anomalous images without "
+                  "masks left out of training", file=sys.stderr)
+        source_data.append((np.concatenate([p.images for p in parts])[known],
+                            np.concatenate([p.masks for p in parts])[known]))
     return source_data, np.stack([few_shot_images(dataset, category, few_shot, seed) for category in target])
 
 
