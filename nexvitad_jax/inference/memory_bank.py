@@ -14,10 +14,12 @@ its rows (each device's images are its rows), and the K-means exchanges only red
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference.sinkhorn_kmeans import KMeansResult, sweep_k
@@ -53,21 +55,41 @@ def _layer_ks(layer: int, features: jax.Array, ks: Sequence[int], cap_to_bank: b
 
 
 def fit_memory_banks(features: Sequence[jax.Array], ks: Sequence[int], *, rng: jax.Array,
-                     cap_to_bank: bool = False, **kmeans_options) -> dict[int, MemoryBank]:
+                     cap_to_bank: bool = False, progress: bool | None = None,
+                     **kmeans_options) -> dict[int, MemoryBank]:
     """features: per layer (M, h_n, w_n, D_n) of the normal images -> {K: MemoryBank} for every K
     in `ks`, one `sweep_k` per layer over the distinct (capped) Ks. `kmeans_options`: epsilon,
-    max_iters, tol, options of `sweep_k`."""
+    max_iters, tol, options of `sweep_k`. `progress`: a bar over the layers (None: on a terminal)."""
+    from tqdm.auto import tqdm
+
     banks = {int(k): MemoryBank([], []) for k in ks}
-    for layer, layer_features in enumerate(features):
-        patches = layer_patches(layer, layer_features)
-        effective = _layer_ks(layer, layer_features, ks, cap_to_bank)
-        distinct = sorted(set(effective))
-        sweep = sweep_k(patches, distinct, rng=jax.random.fold_in(rng, layer), **kmeans_options)
-        for k, k_layer in zip(ks, effective):
-            run = distinct.index(k_layer)
-            banks[int(k)].prototypes.append(sweep.prototypes[run])
-            banks[int(k)].results.append(jax.tree.map(lambda field: field[run], sweep.result))
+    with tqdm(total=len(features), desc=f"K-means (K={_shown_ks(ks)})", unit="layer", leave=False,
+              disable=None if progress is None else not progress) as bar:
+        for layer, layer_features in enumerate(features):
+            patches = layer_patches(layer, layer_features)
+            effective = _layer_ks(layer, layer_features, ks, cap_to_bank)
+            distinct = sorted(set(effective))
+            layer_rng = jax.random.fold_in(rng, jax.device_put(np.uint32(layer)))  # explicit: no implicit transfer
+            sweep = sweep_k(patches, distinct, rng=layer_rng, **kmeans_options)
+            for k, k_layer in zip(ks, effective):
+                run = distinct.index(k_layer)
+                banks[int(k)].prototypes.append(sweep.prototypes[run])
+                banks[int(k)].results.append(jax.tree.map(functools.partial(_run_of, run=run), sweep.result))
+            if not bar.disable:  # the layer's fit done (waited for only when it is shown)
+                iterations = jax.device_get(sweep.result.iterations)
+                bar.set_postfix({"layer": layer, "patches": patches.shape[0], "iterations": int(iterations.max())})
+            bar.update(1)
     return banks
+
+
+def _run_of(field: jax.Array, run: int) -> jax.Array:
+    """Run `run` of a sweep's stacked field (a static slice: no index enters from the host)."""
+    return jax.lax.index_in_dim(field, run, keepdims=False)
+
+
+def _shown_ks(ks: Sequence[int]) -> str:
+    ks = sorted({int(k) for k in ks})
+    return ",".join(map(str, ks)) if len(ks) <= 4 else f"{ks[0]}..{ks[-1]}, {len(ks)} values"
 
 
 def build_memory_bank(features: Sequence[jax.Array], k: int, *, rng: jax.Array, **kmeans_options) -> MemoryBank:

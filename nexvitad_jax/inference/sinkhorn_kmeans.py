@@ -87,7 +87,9 @@ class KMeansResult(NamedTuple):
 
 
 def _check_bank(x, k_max: int, name: str = "x") -> jax.Array:
-    x = jnp.asarray(x)
+    """The bank on the device(s), checked. The bank enters (a host array) and the check's verdict
+    leaves through explicit transfers, so a fit runs under `jax.transfer_guard("disallow")`."""
+    x = x if isinstance(x, jax.Array) else jax.device_put(np.asarray(x))
     if x.ndim != 2:
         raise UserInputError(f"{name}: expected a (N, D) array of points, got shape {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -98,8 +100,8 @@ def _check_bank(x, k_max: int, name: str = "x") -> jax.Array:
     if k_max > n:
         raise UserInputError(f"{name}: K = {k_max} clusters but only N = {n} points; expected K <= N "
                              "(use fewer clusters or more normal images)")
-    if not bool(jnp.isfinite(x).all()):
-        bad = int(jnp.sum(~jnp.isfinite(x).all(axis=1)))
+    if not bool(jax.device_get(jnp.isfinite(x).all())):
+        bad = int(jax.device_get(jnp.sum(~jnp.isfinite(x).all(axis=1))))
         raise UserInputError(f"{name}: {bad} of {n} points contain NaN or infinite values")
     return x
 
@@ -117,7 +119,7 @@ def _traced_arguments(x, epsilon, tol, max_iters, options) -> tuple:
         raise UserInputError(f"options: expected a SolverOptions, got {type(options).__name__}")
     if isinstance(max_iters, (bool, np.bool_)) or not isinstance(max_iters, (int, np.integer)) or max_iters < 1:
         raise UserInputError(f"max_iters = {max_iters!r}: expected an integer >= 1")
-    return jnp.asarray(epsilon, x.dtype), jnp.asarray(tol, x.dtype), int(max_iters)
+    return np.asarray(epsilon, x.dtype), np.asarray(tol, x.dtype), np.asarray(max_iters, np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,16 +495,18 @@ def _place_bank(x: jax.Array) -> tuple[jax.Array, Mesh | None]:
     return x, mesh
 
 
-def _replicated_on(mesh: Mesh | None, *args):
+def _replicated_on(mesh: Mesh | None, x: jax.Array, *args):
     """Small arguments (key, scalars, initial prototypes) on every device of the bank's mesh, from
-    their host values (on several hosts each holds the same ones)."""
-    if mesh is None:
-        return args
+    their host values (on several hosts each holds the same ones), or beside the bank `x` on its one
+    device; explicit placements, so that the fit runs under `jax.transfer_guard("disallow")`."""
+    target = x.sharding if mesh is None else replicated(mesh)
 
     def place(arg):
+        if mesh is None and isinstance(arg, jax.Array):
+            return arg
         if jax.dtypes.issubdtype(arg.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(place(jax.random.key_data(arg)), impl=jax.random.key_impl(arg))
-        return jax.device_put(np.asarray(arg), replicated(mesh))
+        return jax.device_put(jax.device_get(arg), target)
 
     return tuple(place(arg) for arg in args)
 
@@ -535,7 +539,7 @@ def sinkhorn_kmeans(x, k: int, *, rng: jax.Array, epsilon: float = DEFAULT_EPSIL
             raise UserInputError(f"init: expected ({k}, {x.shape[1]}) prototypes (K, D of x), "
                                  f"got shape {tuple(start.shape)}")
     rows, (x, mesh) = x.shape[0], _place_bank(x)
-    start, epsilon, tol = _replicated_on(mesh, start, epsilon, tol)
+    start, epsilon, tol, max_iters = _replicated_on(mesh, x, start, epsilon, tol, max_iters)
     prototypes, result = fit(x, start, epsilon, tol, max_iters, ks=(k,), options=options, mesh=mesh, rows=rows)
     return prototypes, jax.tree.map(lambda field: field[0], result)
 
@@ -560,8 +564,9 @@ def sweep_k(x, ks: Sequence[int], *, rng: jax.Array, epsilon: float = DEFAULT_EP
     x = _check_bank(x, max(ks))
     epsilon, tol, max_iters = _traced_arguments(x, epsilon, tol, max_iters, options)
     rows, (x, mesh) = x.shape[0], _place_bank(x)
-    rng, epsilon, tol = _replicated_on(mesh, rng, epsilon, tol)
+    rng, epsilon, tol, max_iters = _replicated_on(mesh, x, rng, epsilon, tol, max_iters)
     prototypes, result = _seeded_fit(x, rng, epsilon, tol, max_iters, ks=ks, options=options, mesh=mesh, rows=rows)
-    offsets = np.cumsum([0, *ks])
-    return SweepResult(ks=ks, prototypes=[prototypes[offsets[i]:offsets[i + 1]] for i in range(len(ks))],
+    offsets = [int(offset) for offset in np.cumsum([0, *ks])]  # static slices: no transfer
+    return SweepResult(ks=ks, prototypes=[jax.lax.slice_in_dim(prototypes, offsets[i], offsets[i + 1])
+                                             for i in range(len(ks))],
                        objective=result.objective, result=result)
