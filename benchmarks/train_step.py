@@ -372,6 +372,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--per-class", type=int, default=2, help="with --hiera: images per class in a step")
     parser.add_argument("--representative", action="store_true",
                         help="Hiera-tiny and Hiera-base + DINOv2-S, 224 px, 8 images a step, with the profile split")
+    parser.add_argument("--representative-hiera", default="tiny,base",
+                        help="with --representative: the Hiera variants, comma-separated")
     parser.add_argument("--device", action="store_true", help="running on an accelerator: skip nothing, report it")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
@@ -677,7 +679,7 @@ def main(argv=None) -> int:
     options = dict(torch_too=not args.no_torch, compile_too=not args.no_compile)
     if args.representative:
         out = Path(args.out or REPO_ROOT / "benchmarks" / "results" / "train_step_representative.json")
-        for hiera in ("tiny", "base"):
+        for hiera in args.representative_hiera.split(","):
             name = f"hiera-{hiera}+dinov2-small-224-8-images"
             result = measure(paper_config_with(hiera, per_class=2), name, rounds=rounds, feature_cache=False,
                              profile=True, **options)

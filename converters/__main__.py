@@ -13,12 +13,12 @@ from converters.common import CONVERTERS, convert_checkpoint, set_offline_defaul
 from nexvitad_jax.errors import UserInputError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m converters") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m converters",
+        prog=prog,
         description="Convert a PyTorch Hiera / DINOv2 checkpoint to an orbax checkpoint + config.json "
                     "readable by nexvitad_jax.models.load_backbone.")
-    parser.add_argument("family", choices=sorted(CONVERTERS))
+    parser.add_argument("family", choices=sorted(CONVERTERS), help="the backbone family of the checkpoint")
     parser.add_argument("--source", required=True,
                         help="hub id (e.g. facebook/dinov2-small; needs network), a variant name (its hub id), "
                              "a local transformers directory (config.json + model.safetensors or "
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """`python -m converters` (argv None: the command line) or `nexvitad convert` (the `nexvitad`
+    dispatcher passes the arguments after its subcommand), each under its own name in --help."""
+    args = build_parser("python -m converters" if argv is None else "nexvitad convert").parse_args(argv)
     set_offline_defaults()
     try:
         convert_checkpoint(args.family, args.source, args.out, variant=args.variant, dtype=args.dtype,

@@ -92,15 +92,15 @@ def sweep_class(extractor, config, dataset, category: str, seed: int, ks: Sequen
 
 
 def execute(workdir: Path, progress: bool, *, config, data: str, split: str, seed: int,
-            ks: Sequence[int]) -> dict[str, Any]:
-    from nexvitad_jax.data import open_dataset, protocol_classes, resolve_split
+            ks: Sequence[int], target_data: str | None = None) -> dict[str, Any]:
+    from nexvitad_jax.data import open_dataset, split_classes
     from nexvitad_jax.inference import EncoderFeatureExtractor
     from nexvitad_jax.io import atomic_write
     from nexvitad_jax.metrics import mean_metrics
     from nexvitad_jax.train import train
 
-    dataset = open_dataset(data, image_size=int(config.data.image_size))
-    source, target = resolve_split(protocol_classes(dataset.classes), split, None, seed)
+    dataset = open_dataset(data, image_size=int(config.data.image_size), target_spec=target_data)
+    source, target = split_classes(dataset, split, None, seed)
     trained = train(config, dataset, source, target, workdir / "train", progress=progress)
     extractor = EncoderFeatureExtractor.from_config(trained.model, config.bank)
     per_class = {}

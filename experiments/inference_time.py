@@ -12,6 +12,7 @@ config's NexViTAD with its adapters and heads at initialization (converted backb
 config names them; latency does not depend on the weights' values). The prototypes are fitted with
 one `sweep_k` per layer on every train/good image of --category (all of them, so the small tiny-config
 layers hold at least K patches; a layer with fewer is capped and the table says so).
+With --target-data, --category is a class of the target data (the images timed are its own).
 
     python -m experiments.inference_time --config tiny --out runs/inference_time
     python -m experiments.inference_time --config paper --data PATH/TO/mvtec \\
@@ -62,7 +63,7 @@ def latencies_ms(calls: dict[str, Callable[[], Any]], warmup: int, repeats: int)
 
 
 def execute(workdir: Path, progress: bool, *, config, data: str, category: str | None, batch: int,
-            ks: Sequence[int], warmup: int, repeats: int) -> dict[str, Any]:
+            ks: Sequence[int], warmup: int, repeats: int, target_data: str | None = None) -> dict[str, Any]:
     import jax
 
     from experiments.cluster_sweep import cap_lines, fit_banks
@@ -72,11 +73,13 @@ def execute(workdir: Path, progress: bool, *, config, data: str, category: str |
     from nexvitad_jax.inference.batching import global_batch_size, padded_batches, replicate
     from nexvitad_jax.models.build import build_model
 
-    dataset = open_dataset(data, image_size=int(config.data.image_size))
+    # With --target-data the images are a target class's (the target data's names, as --target takes them).
+    dataset = open_dataset(target_data or data, image_size=int(config.data.image_size))
     classes = protocol_classes(dataset.classes)
     category = category or classes[0]
     if category not in classes:
-        raise UserInputError(f"--category {category!r}: not a class of {data}; expected one of {classes}")
+        raise UserInputError(f"--category {category!r}: not a class of {target_data or data}; expected one of "
+                             f"{classes}")
     model = build_model(config, 1, 1)
     extractor = EncoderFeatureExtractor.from_config(model, config.bank)
     normal = dataset.load(category, "train").images
@@ -160,10 +163,11 @@ def build(args: argparse.Namespace) -> Experiment:
     runs = []
     for batch in batches:
         params = {"data": str(args.data), "category": args.category, "batch": batch, "ks": ks,
-                  "warmup": args.warmup, "repeats": args.repeats}
+                  "warmup": args.warmup, "repeats": args.repeats, **protocol.data_options(args)}
         runs.append(Run(f"batch{batch:02d}", params, config,
                         functools.partial(execute, config=config, data=args.data, category=args.category, batch=batch,
-                                          ks=ks, warmup=args.warmup, repeats=args.repeats)))
+                                          ks=ks, warmup=args.warmup, repeats=args.repeats,
+                                          **protocol.data_options(args))))
     return Experiment("inference_time", "NexViTAD inference time: memory bank, batch size x K", runs, aggregate, plot)
 
 

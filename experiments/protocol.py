@@ -63,13 +63,22 @@ def run_name(split: str, seed: int, variant: str | None = None) -> str:
     return f"split{split.replace('/', '-')}_seed{seed}" + (f"_{variant}" if variant else "")
 
 
+def data_options(args: argparse.Namespace) -> dict[str, Any]:
+    """{"target_data": PATH} for a cross-dataset experiment (--target-data), else {}: runs of one
+    dataset keep their params (and so their saved results) as they were."""
+    target_data = getattr(args, "target_data", None)
+    return {} if target_data is None else {"target_data": str(target_data)}
+
+
 def protocol_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, Any]], execute,
                   **options) -> list[Run]:
     """One run per split x seed x variant: `execute(workdir, progress, config=, data=, split=, seed=,
-    **options)`. A variant is config changes ({"train.lambda1": 0.0}) on top of --config/--set; a single variant named ""
-    leaves the run names without one."""
+    [target_data=,] **options)`. A variant is config changes ({"train.lambda1": 0.0}) on top of
+    --config/--set; a single variant named "" leaves the run names without one. With --target-data
+    the source classes come from --data and the target classes from the target data."""
     base = load_config(args.config, args.overrides)
     splits, seeds = splits_and_seeds(args)
+    options = {**data_options(args), **options}
     runs = []
     for split in splits:
         for seed in seeds:
@@ -84,7 +93,7 @@ def protocol_runs(args: argparse.Namespace, variants: Mapping[str, Mapping[str, 
 
 
 def execute_main_job(workdir: Path, progress: bool, *, config, data: str, split: str, seed: int,
-                     methods: Sequence[str]) -> dict[str, Any]:
+                     methods: Sequence[str], target_data: str | None = None) -> dict[str, Any]:
     """One `nexvitad run` (its metrics.json without the config, which the run's record holds)."""
     from nexvitad_jax.run import RANDOM_BACKBONE_NOTICE, RunSpec, run
 
@@ -92,7 +101,7 @@ def execute_main_job(workdir: Path, progress: bool, *, config, data: str, split:
         if message != RANDOM_BACKBONE_NOTICE:
             print(f"  {message}", file=sys.stderr, flush=True)
 
-    spec = RunSpec(config, data=data, split=split, seed=seed, methods=tuple(methods))
+    spec = RunSpec(config, data=data, split=split, seed=seed, methods=tuple(methods), target_data=target_data)
     results = run(spec, workdir, progress=progress, log=log)
     return {key: value for key, value in results.items() if key != "config"}
 

@@ -48,6 +48,7 @@ from nexvitad_jax.config import config_dict
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.identity import describe_differences, identity_key
 from nexvitad_jax.io import atomic_write
+from nexvitad_jax.lock import release_workdir, workdir_lock
 from nexvitad_jax.run import add_config_arguments
 
 RECORD_FORMAT = 1
@@ -131,6 +132,20 @@ def read_record(out: Path, run: Run) -> dict[str, Any] | None:
 
 
 def execute_run(out: Path, run: Run, progress: bool) -> dict[str, Any]:
+    """Run `run` under the lock of its folder (a second process on it is refused, naming the holder:
+    WorkdirBusy, exit status 2) and write its record; one finished meanwhile is read back."""
+    with workdir_lock(Path(out) / "runs" / run.name, notice=lambda message: print(message, file=sys.stderr),
+                      what="experiment run"):
+        record = read_record(out, run)
+        if record is not None:
+            return record
+        try:
+            return _execute(out, run, progress)
+        finally:
+            release_workdir(Path(out) / "runs" / run.name / "work")  # the main job's own lock, if it took one
+
+
+def _execute(out: Path, run: Run, progress: bool) -> dict[str, Any]:
     workdir = Path(out) / "runs" / run.name / "work"
     began = time.perf_counter()
     result = run.execute(workdir, progress)
@@ -349,6 +364,9 @@ def enable_compile_cache(directory: str | Path) -> None:
 
 def experiment_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
+    parser.add_argument("--target-data", default=None, metavar="PATH",
+                        help="take the target classes from this dataset (cross-dataset runs; --data gives the "
+                             "source classes; --splits a/b draws b of its classes)")
     parser.add_argument("--out", required=True, help="output folder (runs/, aggregate JSON, Markdown, plots)")
     parser.add_argument("--shard", default="0/1", help="I/N: run the runs whose index is I mod N (default 0/1: all)")
     parser.add_argument("--aggregate-only", action="store_true",

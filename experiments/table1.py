@@ -6,6 +6,8 @@ bank and the decoder inference paths.
     python -m experiments.table1 --config tiny --out runs/table1 --seeds 2
     python -m experiments.table1 --config paper --data PATH/TO/mvtec \\
         --out runs/table1-paper --seeds 20 --shard 0/4          # hosts 0..3, then --aggregate-only
+    python -m experiments.table1 --config paper --data PATH/TO/mvtec --target-data mydata.yaml \\
+        --splits 12/1 --out runs/table1-cross     # cross-dataset: MVTec source, your classes as target
 
 Writes OUT/table1.json, OUT/table1.md (the tables) and OUT/table1.png (bars per split).
 """

@@ -224,3 +224,25 @@ def test_ambiguous_mask_and_bad_json(tmp_path):
     (tmp_path / "b.json").write_text("{classes: ")
     with pytest.raises(UserInputError, match=r"b\.json: not valid JSON"):
         open_dataset(tmp_path / "b.json", image_size=S, cache_dir=tmp_path / "c")
+
+
+def test_cache_keyed_by_spec_and_files(tmp_path, monkeypatch):
+    """Decoded once; reopened, nothing is decoded; a changed image or a changed spec is a new entry."""
+    from nexvitad_jax.data import decode
+
+    spec, _ = build_folder_spec(tmp_path)
+    first = open_dataset(spec, image_size=S, cache_dir=tmp_path / "c")
+    assert first.cache_dir.relative_to(tmp_path / "c").parts[0] == "folder_spec"
+    before = first.load("plate", "test")
+    real = decode.decode_image
+    monkeypatch.setattr(decode, "decode_image", lambda *a, **k: pytest.fail("decoded twice"))
+    again = open_dataset(spec, image_size=S, cache_dir=tmp_path / "c")
+    assert again.cache_dir == first.cache_dir
+    np.testing.assert_array_equal(again.load("plate", "test").images, before.images)
+    monkeypatch.setattr(decode, "decode_image", real)
+    _write(tmp_path / "plate/test_good/test_good0.png", np.full((32, 48), 7, np.uint8))
+    changed = open_dataset(spec, image_size=S, cache_dir=tmp_path / "c")
+    assert changed.cache_dir != first.cache_dir
+    np.testing.assert_array_equal(changed.load("plate", "test").images[1], np.full((S, S, 3), 7, np.uint8))
+    spec.write_text(SPEC.replace("seed: 3", "seed: 4"))
+    assert open_dataset(spec, image_size=S, cache_dir=tmp_path / "c").cache_dir not in (first.cache_dir, changed.cache_dir)

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from nexvitad_jax.data import archive as archives
 from nexvitad_jax.data import decode, open_dataset
 from nexvitad_jax.errors import UserInputError
 
@@ -162,14 +167,15 @@ BUILDERS = {"mvtec": build_mvtec, "mpdd": build_mpdd, "mvtec3d": build_mvtec3d, 
             "btad": build_btad, "visa": build_visa}
 
 
-def assert_reads_as_built(dataset, tree: Tree) -> None:
+def assert_reads_as_built(dataset, tree: Tree, path_of=lambda path: path) -> None:
+    """`path_of(built path)` is where the dataset should read it (an archive's extracted copy)."""
     assert dataset.layout == tree.layout
     assert dataset.classes == sorted(tree.expected)
     for category, splits in tree.expected.items():
         assert {s: sum(n.values()) for s, n in dataset.counts(category).items()} == {s: len(r) for s, r in splits.items()}
         for split, records in splits.items():
             arrays = dataset.load(category, split)
-            assert [Path(p).resolve() for p in arrays.paths] == [r.path for r in records]
+            assert [Path(p).resolve() for p in arrays.paths] == [path_of(r.path) for r in records]
             assert arrays.defect_types == [r.defect_type for r in records]
             np.testing.assert_array_equal(arrays.labels, [int(r.defect_type != "good") for r in records])
             np.testing.assert_array_equal(arrays.images, np.stack([r.pixels for r in records]))
@@ -339,7 +345,7 @@ def test_unknown_split_and_category(tmp_path):
 
 
 @pytest.mark.parametrize("name, slug", [("mvtec3d", "mvtec_3d"), ("loco", "mvtec_loco"), ("btad", "btad"),
-                                        ("visa", "visa"), ("mpdd", "mvtec")])
+                                        ("visa", "visa"), ("mpdd", "mvtec"), ("mvtec", "mvtec")])
 def test_cache_keyed_by_layout_and_files(tmp_path, monkeypatch, name, slug):
     tree = BUILDERS[name](tmp_path / name)
     category = sorted(tree.expected)[0]
@@ -357,3 +363,80 @@ def test_cache_keyed_by_layout_and_files(tmp_path, monkeypatch, name, slug):
     after = open_dataset(tree.root, image_size=S, cache_dir=tmp_path / "c")
     assert after.cache_dir != first.cache_dir
     np.testing.assert_array_equal(after.load(category, "train").images[0], np.asarray(Image.open(changed.path).convert("RGB")))
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+def pack(root: Path, archive: Path, prefix: str = "") -> Path:
+    """Every file under root into `archive` (.zip, .tar, .tar.gz, .tar.bz2, .tar.xz) as PREFIX + its path."""
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for f in files:
+                zf.write(f, prefix + f.relative_to(root).as_posix())
+    else:
+        with tarfile.open(archive, {".tar": "w", ".gz": "w:gz", ".bz2": "w:bz2", ".xz": "w:xz"}[archive.suffix]) as tar:
+            for f in files:
+                tar.add(f, prefix + f.relative_to(root).as_posix())
+    return archive
+
+
+@pytest.mark.parametrize("name, archive_name, prefix", [
+    ("visa", "VisA_20220922.tar", ""), ("mvtec3d", "m3d.tar.xz", "mvtec_3d_anomaly_detection/"),
+    ("loco", "loco.tar.gz", "mvtec_loco_anomaly_detection/"), ("btad", "BTech.zip", "BTech_Dataset_transformed/"),
+    ("mpdd", "mpdd.zip", ""), ("btad", "btad.tar.bz2", ""),
+])
+def test_archive_of_each_layout_reads_as_its_folder(tmp_path, monkeypatch, name, archive_name, prefix):
+    tree = BUILDERS[name](tmp_path / name)
+    archive = pack(tree.root, tmp_path / archive_name, prefix)
+    dataset = open_dataset(archive, image_size=S, cache_dir=tmp_path / "c")
+    root = Path(dataset.root)
+    assert tmp_path / "c" / "archives" in root.parents  # read from its extracted copy in the cache
+    members = f"{archive.resolve()}::{prefix}"  # images are shown as the archive's members
+    assert_reads_as_built(dataset, tree, lambda path: Path(members + path.relative_to(tree.root.resolve()).as_posix()))
+    assert f"read from {archive.resolve()}" in dataset.notes[0]
+    # Opened again: nothing of the archive is read, nothing decoded.
+    monkeypatch.setattr(tarfile, "open", lambda *a, **k: pytest.fail("archive reopened"))
+    for method in ("list_zip", "_members"):
+        monkeypatch.setattr(archives.Archive, method, lambda *a, **k: pytest.fail("archive reopened"))
+    monkeypatch.setattr(decode, "decode_image", lambda *a, **k: pytest.fail("decoded twice"))
+    again = open_dataset(archive, image_size=S, cache_dir=tmp_path / "c")
+    assert again.cache_dir == dataset.cache_dir and again.classes == dataset.classes
+    category = dataset.classes[-1]
+    np.testing.assert_array_equal(again.load(category, "test").masks, dataset.load(category, "test").masks)
+    # Another archive at that path (a new size or mtime) is another cache entry.
+    before = archives.Archive(archive, tmp_path / "c").files
+    assert before in root.parents or before == root
+    stat = archive.stat()
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert archives.Archive(archive, tmp_path / "c").files != before
+
+
+def test_archive_with_a_wrong_layout_names_its_members(tmp_path):
+    build_mvtec(tmp_path / "mix" / "data", classes=("alpha",))
+    build_btad(tmp_path / "btad")
+    (tmp_path / "btad" / "02").rename(tmp_path / "mix" / "data" / "02")
+    mixed = pack(tmp_path / "mix", tmp_path / "mix.tar.gz")  # one pass finds it is not MVTec AD, then extracts
+    _error(mixed, rf"^{re.escape(str(mixed.resolve()))}::data: mixed dataset layouts \(BTAD in 02; MVTec AD in alpha\)",
+           cache_dir=tmp_path / "c")
+    tree = build_loco(tmp_path / "loco")
+    (tree.root / "pushpins/ground_truth/structural_anomalies/000/000.png").unlink()
+    broken = pack(tree.root, tmp_path / "loco.zip")
+    _error(broken, rf"{re.escape(str(broken.resolve()))}::pushpins/test/structural_anomalies/000\.png: defect image "
+           r"without its mask; expected pushpins/ground_truth/structural_anomalies/000/000\.png", cache_dir=tmp_path / "c")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images")
+    _error(pack(tmp_path / "empty", tmp_path / "empty.zip"), r"empty\.zip: holds no images", cache_dir=tmp_path / "c")
+    (tmp_path / "fake.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    _error(tmp_path / "fake.zip", r"fake\.zip: not a dataset archive", cache_dir=tmp_path / "c")
+
+
+def test_archive_members_outside_the_tree_are_not_extracted(tmp_path):
+    tree = build_btad(tmp_path / "btad")
+    archive = pack(tree.root, tmp_path / "btad.tar")
+    with tarfile.open(archive, "a") as tar:
+        tar.add(tree.expected["01"]["train"][0].path, "../escaped.bmp")
+    dataset = open_dataset(archive, image_size=S, cache_dir=tmp_path / "c")
+    assert dataset.classes == ["01", "02", "03"]
+    assert not list(tmp_path.rglob("escaped.bmp"))

@@ -255,8 +255,10 @@ def test_bad_sources(tmp_path):
     with pytest.raises(UserInputError, match="no such path"):
         open_dataset(tmp_path / "missing")
     (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserInputError, match=r"notes\.txt: not a dataset archive \(expected \.tar, \.tar\.gz"):
+        open_dataset(tmp_path / "notes.txt", cache_dir=tmp_path / "c")
     with pytest.raises(UserInputError, match="not a tar archive"):
-        open_dataset(tmp_path / "notes.txt")
+        mvtec.MVTecDataset(tmp_path / "notes.txt", cache_dir=tmp_path / "c")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="empty: no dataset layout recognized"):
         _ = open_dataset(tmp_path / "empty", cache_dir=tmp_path / "c").classes
@@ -284,3 +286,22 @@ def test_defect_folder_under_train_is_rejected(tmp_path):
     dataset = open_dataset(_write_tree(tmp_path / "m", files), image_size=16, cache_dir=tmp_path / "c")
     with pytest.raises(UserInputError, match=r"alpha/train/crack/000\.png: train/ must hold only train/good"):
         dataset.load("alpha", "train")
+
+
+def test_archive_pass_shows_its_progress(tmp_path, monkeypatch):
+    """The pass over an archive has a progress bar of the bytes read (big archives only; forced here)."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def close(self):
+            bars.append((getattr(self, "desc", None), self.n, self.total, self.disable))
+            super().close()
+
+    archive = _write_tar(tmp_path / "mvtec.tar.xz", _fake_files(np.random.default_rng(2)))
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    monkeypatch.setattr(mvtec, "PROGRESS_MIN_BYTES", 0)
+    assert open_dataset(archive, image_size=24, cache_dir=tmp_path / "c").classes == ["alpha", "beta"]
+    size = archive.stat().st_size
+    assert ("reading mvtec.tar.xz", size, size, False) in bars

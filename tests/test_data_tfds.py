@@ -109,3 +109,20 @@ def test_builder_on_a_folder_spec_keeps_mask_known(tmp_path, monkeypatch):
     tfds_mvtec.prepare(spec, "bracket", tmp_path / "tfds", image_size=S)
     with pytest.raises(UserInputError, match=r"data\.yaml: no category 'gear'; it holds \['bracket', 'plate'\]"):
         tfds_mvtec.prepare(spec, "gear", tmp_path / "tfds", image_size=S)
+
+
+def test_builder_serves_an_archive_of_another_layout(tmp_path, monkeypatch):
+    """A LOCO .tar.gz (extracted once into DATA_DIR's cache), whether given itself or as the one
+    archive of the manual dir; the examples equal open_dataset's of the same archive."""
+    from tests.test_data_layouts import S, build_loco, pack
+
+    tree = build_loco(tmp_path / "loco")
+    (tmp_path / "src").mkdir()
+    archive = pack(tree.root, tmp_path / "src" / "loco.tar.gz", "mvtec_loco_anomaly_detection/")
+    builder = tfds_mvtec.prepare(archive, "pushpins", tmp_path / "tfds", image_size=S)
+    assert f"{builder.name}/{builder.builder_config.name}" == "industrial_ad/mvtec_loco_pushpins_16"
+    reference = _same_as_open_dataset(builder, archive, "pushpins", S, tmp_path)
+    assert set(builder.info.splits) == {"train", "validation", "test"} and reference.layout == "MVTec LOCO"
+    monkeypatch.setattr(tfds_mvtec, "decode_example", lambda *a, **k: pytest.fail("decoded twice"))
+    again = tfds_mvtec.prepare(archive.parent, "pushpins", tmp_path / "tfds", image_size=S)
+    assert len(again.as_data_source(split="test")) == 3

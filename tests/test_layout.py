@@ -15,8 +15,9 @@ LIBRARY = REPO_ROOT / "nexvitad_jax"
 LAYERS = {
     "nexvitad_jax.errors": 0, "nexvitad_jax.identity": 0, "nexvitad_jax.io": 0, "nexvitad_jax.configs": 0,
     "nexvitad_jax.compilation": 0, "nexvitad_jax.distributed": 0, "nexvitad_jax.sharding": 0, "nexvitad_jax": 0,
+    "nexvitad_jax.lock": 0, "nexvitad_jax.signals": 0, "nexvitad_jax.deploy": 0,
     "nexvitad_jax.config": 1, "nexvitad_jax.metrics": 1, "nexvitad_jax.data": 1, "nexvitad_jax.models": 1,
-    "nexvitad_jax.train": 2, "nexvitad_jax.inference": 2, "nexvitad_jax.report": 2,
+    "nexvitad_jax.train": 2, "nexvitad_jax.inference": 2, "nexvitad_jax.report": 2, "nexvitad_jax.peers": 2, "nexvitad_jax.report_html": 2,
     "nexvitad_jax.run": 3, "nexvitad_jax.cli": 4,
 }
 OUTSIDE = ("experiments", "benchmarks", "converters", "tests")

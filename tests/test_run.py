@@ -89,6 +89,7 @@ def default_run(tmp_path_factory):
     messages = []
     assert cli.main(["run", "--workdir", str(workdir), "--no-progress"]) == 0
     first = json.loads((workdir / "metrics.json").read_text())
+    (workdir / "metrics.json").unlink()  # as a run stopped after scoring, before its last write
     results = run(RunSpec(load_config()), workdir, progress=False, log=messages.append)
     return workdir, first, results, messages
 
@@ -109,6 +110,8 @@ def test_default_run_writes_parseable_outputs(default_run):
     assert "| 11/1 | memory bank |" in markdown and category in markdown
     with Image.open(workdir / "heatmaps" / f"{category}.png") as grid:
         assert grid.size[0] > 300 and grid.size[1] > 300
+    html = (workdir / "report.html").read_text()
+    assert category in html and html.count("data:image/png;base64,") >= 2  # the grid and the curves
 
 
 def test_default_run_beats_chance(default_run):
@@ -130,3 +133,48 @@ def test_default_run_resumes_and_refuses_another_config(default_run):
     assert first["per_class"] == results["per_class"]
     with pytest.raises(UserInputError, match="holds another run"):
         run(RunSpec(load_config(None, ["train.epochs=3"])), workdir, progress=False, log=lambda _: None)
+
+
+def test_finished_run_is_reported_and_left_untouched(default_run, capsys):
+    workdir = default_run[0]
+    before = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in workdir.rglob("*") if path.is_file()}
+    assert cli.main(["run", "--workdir", str(workdir), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()  # nothing trained or scored: one line
+    assert line.startswith("nexvitad run: finished earlier (") and line.endswith(f"); results in {workdir}")
+    assert captured.out == (workdir / "results.md").read_text() + "\n"  # the table, as results.md holds it
+    after = {path: (path.read_bytes(), path.stat().st_mtime_ns) for path in workdir.rglob("*") if path.is_file()}
+    assert after == before  # timings included
+
+
+def test_rescore_removes_the_inference_outputs_only(tmp_path):
+    from nexvitad_jax.run import clear_inference
+
+    kept = ["run.json", "train/checkpoints/4/state", "train/metrics.jsonl", "classes/other.json",
+            "maps/other.decoder.npz"]
+    removed = ["metrics.json", "results.md", "report.html", "classes/nut.json", "maps/nut.memory_bank.npz",
+               "maps/nut.decoder.npz", "heatmaps/nut.png"]
+    for name in kept + removed:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    messages = []
+    clear_inference(tmp_path, ["nut"], messages.append)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+    assert messages == ["nexvitad run: --rescore: 7 inference outputs removed; the trained checkpoints are kept"]
+
+
+@pytest.mark.slow  # the whole inference again (~30 s of CPU); the resumed-inference path is tested above
+def test_rescore_redoes_the_inference_from_the_checkpoints(default_run):
+    workdir, first, _, _ = default_run
+    earlier = json.loads((workdir / "metrics.json").read_text())
+    category = earlier["target"][0]
+    maps = workdir / "maps" / f"{category}.memory_bank.npz"
+    maps.write_bytes(b"stale")  # re-scoring must write it again, not read it
+    messages = []
+    results = run(RunSpec(load_config()), workdir, progress=False, log=messages.append, rescore=True)
+    assert any("--rescore: " in m for m in messages) and not any("already scored" in m for m in messages)
+    assert results["per_class"] == first["per_class"]  # the same trained model, the same inference
+    assert results["timings"]["train_s"] == earlier["timings"]["train_s"]  # the training's, not the restore's
+    with np.load(maps) as saved:
+        assert pixel_auroc(saved["scores"], saved["masks"]) == pytest.approx(
+            first["per_class"][category]["memory_bank"]["pixel_auroc"], abs=1e-12)

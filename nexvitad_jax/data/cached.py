@@ -7,6 +7,7 @@ class loads, caches, counts and checks names against it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Callable, Iterable
 
 from nexvitad_jax.data.decode import CategoryArrays, Entry, count_entries, decode_entries
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.io import WriteFailed
 
 CACHE_VERSION = 1
 SPLIT_ORDER = ("train", "validation", "test")
@@ -56,6 +58,21 @@ def list_files(root: Path, folders: Iterable[str], suffixes: tuple[str, ...]) ->
         for p in (root / folder).rglob("*")
         if p.is_file() and p.suffix.lower() in suffixes
     )
+
+
+def save_to_cache(arrays: CategoryArrays, path: Path) -> None:
+    """`arrays.save_npz(path)`; a failed or interrupted write leaves no temporary file, and an
+    OSError (read-only, full, not permitted) becomes one WriteFailed naming `path` and the way out."""
+    try:
+        arrays.save_npz(path)
+    except BaseException as error:
+        for leftover in path.parent.glob(f"{path.name}.tmp{os.getpid()}*"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        if not isinstance(error, OSError) or error.errno is None:
+            raise
+        raise WriteFailed(error.errno, f"{error.strerror} (the decoded-data cache: set NEXVITAD_CACHE to a "
+                                       "writable folder with space)", str(path)) from None
 
 
 def describe_splits(splits: Iterable[str]) -> str:
@@ -143,8 +160,8 @@ class CachedDataset:
             read = self.reader(category)
             for todo in self._splits_to_decode(category, split):
                 if self.index[category].get(todo):
-                    decode_entries(self.index[category][todo], read, self.image_size,
-                                   description=f"{category}/{todo}").save_npz(self.cache_path(category, todo))
+                    save_to_cache(decode_entries(self.index[category][todo], read, self.image_size,
+                                                 description=f"{category}/{todo}"), self.cache_path(category, todo))
         arrays = CategoryArrays.load_npz(path)
         self._memory[(category, split)] = arrays
         return arrays

@@ -2,6 +2,7 @@
 
     nexvitad data info synthetic
     nexvitad data info /data/visa                 # names the layout, classes, counts per split and type
+    nexvitad data info /data/mvtec_loco_anomaly_detection.tar.xz   # any layout's archive (extracted once)
     nexvitad data prepare /data/mvtec_anomaly_detection.tar.xz --image-size 224
     nexvitad data info /data/mvtec --target-data mydata.yaml
     nexvitad data sheet synthetic --out sheet.png --classes pill,wood
@@ -26,16 +27,16 @@ def _parser() -> argparse.ArgumentParser:
         ("sheet", "save a contact sheet PNG (image | mask)"),
     ):
         command = commands.add_parser(name, help=help_)
-        command.add_argument("spec", help="'synthetic', a dataset folder, the MVTec .tar.xz or a folder-spec "
-                                          ".yaml/.json")
+        command.add_argument("spec", help="'synthetic', a dataset folder, an archive of one (.tar, .tar.gz, "
+                                          ".tar.xz, .zip) or a folder-spec .yaml/.json")
         command.add_argument("--target-data", default=None, help="a second dataset (cross-dataset runs)")
-        command.add_argument("--image-size", type=int, default=224)
+        command.add_argument("--image-size", type=int, default=224, help="side of the decoded square images (default 224)")
         command.add_argument("--seed", type=int, default=0, help="synthetic set seed")
         command.add_argument("--cache-dir", default=None, help="default: $NEXVITAD_CACHE")
         command.add_argument("--classes", default="", help="comma-separated (default: all)")
         if name == "sheet":
             command.add_argument("--out", required=True, help="output PNG")
-            command.add_argument("--per-class", type=int, default=6)
+            command.add_argument("--per-class", type=int, default=6, help="images per class on the sheet (default 6)")
     return parser
 
 

@@ -45,22 +45,23 @@ class CrossDataset:
                       + (f"; classes in both prefixed source./target.: {sorted(clash)}" if clash else ""),
                       *(f"{role}: {note}" for role, d in zip(ROLES, (source, target)) for note in d.notes)]
 
-    def _resolve(self, category: str) -> tuple[object, str]:
+    def origin(self, category: str) -> tuple[object, str]:
+        """(the dataset that holds `category`, the class's name there)."""
         if category not in self._origin:
             raise UserInputError(f"unknown category {category!r} in the cross-dataset; it holds {self.classes}")
         return self._origin[category]
 
     def load(self, category: str, split: str) -> CategoryArrays:
-        dataset, name = self._resolve(category)
+        dataset, name = self.origin(category)
         return dataset.load(name, split)
 
     def counts(self, category: str) -> dict[str, Counter]:
-        dataset, name = self._resolve(category)
+        dataset, name = self.origin(category)
         return dataset.counts(name)
 
     def original_name(self, category: str) -> str:
         """The class's name in its own dataset ("target.bottle" -> "bottle")."""
-        return self._resolve(category)[1]
+        return self.origin(category)[1]
 
     def role_of(self, category: str) -> str:
         return next(role for role in ROLES if category in self.role_classes[role])

@@ -7,11 +7,12 @@ binarized at > 0.5 of full scale (DESIGN.md, Evaluation); a defect image needs i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tarfile
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from nexvitad_jax.data.cached import CachedDataset, check_image_size, fingerprint, list_files
 from nexvitad_jax.data.decode import IMAGE_SUFFIXES, Entry, decode_entries
@@ -69,11 +70,33 @@ def _category_of(name: str) -> str | None:
 # Sources and the cached Dataset
 
 
-def _looks_like_tar(path: Path) -> bool:
+def looks_like_tar(path: Path) -> bool:
     """By magic bytes (xz, gzip, bzip2, plain ustar): no decompression needed."""
     with open(path, "rb") as f:
         head = f.read(512)
     return head.startswith((b"\xfd7zXZ\x00", b"\x1f\x8b", b"BZh")) or head[257:262] == b"ustar"
+
+
+PROGRESS_MIN_BYTES = 64 * 2**20  # smaller archives are read in a moment: no bar
+
+
+@contextlib.contextmanager
+def tar_members(path: Path, description: str) -> Iterator[tuple[tarfile.TarFile, Iterator[tarfile.TarInfo]]]:
+    """(the open tar, its members in order) read sequentially, with a progress bar of the archive's
+    (compressed) bytes read: one pass over the official MVTec AD `.tar.xz` takes minutes."""
+    from tqdm.auto import tqdm
+
+    size = path.stat().st_size
+    with open(path, "rb") as raw, tqdm(total=size, unit="B", unit_scale=True, desc=description, leave=False,
+                                       disable=size < PROGRESS_MIN_BYTES) as bar:
+        with tarfile.open(fileobj=raw, mode="r:*") as tar:
+            def members() -> Iterator[tarfile.TarInfo]:
+                for member in tar:
+                    bar.update(raw.tell() - bar.n)
+                    yield member
+                bar.update(size - bar.n)  # the whole archive was read
+
+            yield tar, members()
 
 
 class MVTecDataset(CachedDataset):
@@ -96,7 +119,7 @@ class MVTecDataset(CachedDataset):
             raise UserInputError(f"{source}: no such MVTec folder or archive")
         check_image_size(image_size)
         self.is_archive = path.is_file()
-        if self.is_archive and not _looks_like_tar(path):
+        if self.is_archive and not looks_like_tar(path):
             raise UserInputError(f"{source}: not a tar archive (expected the official MVTec AD .tar.xz, a dataset "
                                  "folder or a folder-spec .yaml/.json)")
         self._decode_on_scan = decode_on_scan
@@ -129,6 +152,10 @@ class MVTecDataset(CachedDataset):
         return SPLITS if self.is_archive else (split,)
 
     # -- listing
+    def member_names(self) -> list[str]:
+        """The archive's file members (the first call makes the one pass that lists and decodes)."""
+        return self._archive_names()
+
     def _archive_names(self) -> list[str]:
         listing = self.cache_dir / "members.json"
         if not listing.exists():
@@ -145,14 +172,14 @@ class MVTecDataset(CachedDataset):
         done: set[str] = set()
         reopened: set[str] = set()
 
-        def flush(category: str, final: bool) -> None:
+        def flush(category: str) -> None:
             done.add(category)
             try:
                 index = index_members(blobs[category], display).get(category)
             except UserInputError:
-                if final:
-                    raise
-                reopened.add(category)  # e.g. masks stored later: decode it on demand
+                # e.g. masks stored later: decoded on demand. A real error in an MVTec archive is
+                # raised by `index` (over every member); another layout's archive is extracted.
+                reopened.add(category)
                 del blobs[category]
                 return
             for split in SPLITS:
@@ -163,8 +190,8 @@ class MVTecDataset(CachedDataset):
             del blobs[category]
 
         try:
-            with tarfile.open(self.source, "r:*") as tar:
-                for member in tar:
+            with tar_members(self.source, f"reading {self.source.name}") as (tar, members):
+                for member in members:
                     if not member.isfile():
                         continue
                     names.append(member.name)
@@ -175,12 +202,12 @@ class MVTecDataset(CachedDataset):
                         reopened.add(category)
                         continue
                     for finished in [c for c in blobs if c != category]:
-                        flush(finished, final=False)
+                        flush(finished)
                     blobs.setdefault(category, {})[member.name] = tar.extractfile(member).read()
         except (tarfile.TarError, OSError, EOFError) as err:
             raise UserInputError(f"{self.source}: unreadable archive ({err})") from None
         for category in list(blobs):
-            flush(category, final=True)
+            flush(category)
         for category in reopened:
             for split in SPLITS:
                 self.cache_path(category, split).unlink(missing_ok=True)
@@ -221,8 +248,8 @@ class MVTecDataset(CachedDataset):
         }
         blobs: dict[str, bytes] = {}
         try:
-            with tarfile.open(self.source, "r:*") as tar:
-                for member in tar:
+            with tar_members(self.source, f"reading {category} from {self.source.name}") as (tar, members):
+                for member in members:
                     if member.name in wanted:
                         blobs[member.name] = tar.extractfile(member).read()
                         if len(blobs) == len(wanted):

@@ -496,9 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m nexvitad_jax.data.synthetic --sheet OUT.png`: look at the set."""
     parser = argparse.ArgumentParser(description="Save a contact sheet of the synthetic set.")
     parser.add_argument("--sheet", required=True, help="output PNG (image | mask pairs)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-class", type=int, default=6)
+    parser.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
+    parser.add_argument("--seed", type=int, default=0, help="the set's seed (default 0)")
+    parser.add_argument("--per-class", type=int, default=6, help="images per class on the sheet (default 6)")
     parser.add_argument("--classes", default="", help="comma-separated (default: all)")
     args = parser.parse_args(argv)
     classes = [c for c in args.classes.split(",") if c] or None

@@ -10,7 +10,8 @@ example goes through the same decode path as `open_dataset` (`decode.decode_exam
 
 SRC (the manual dir) is anything `open_dataset` reads: an MVTec AD folder or its official `.tar.xz`
 archive (whole or per category, or a folder holding it), a MPDD, MVTec 3D-AD, MVTec LOCO, VisA or
-BTAD folder, or a folder-spec file. Splits are the class's (train, test, and validation where the
+BTAD folder or an archive of one (.tar, .tar.gz, .tar.xz, .zip...; extracted once into DATA_DIR's
+cache), or a folder-spec file. Splits are the class's (train, test, and validation where the
 layout has one). Prepared data lives under DATA_DIR keyed by builder, config (layout, category,
 image size) and version; a second `prepare` decodes nothing. A DATA_DIR holds one dataset per
 layout (two folder specs with the same class name would share a config).
@@ -25,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from nexvitad_jax.data import open_dataset
+from nexvitad_jax.data import open_dataset, open_folder
+from nexvitad_jax.data.archive import is_archive_name, open_archive
 from nexvitad_jax.data.decode import CategoryArrays, decode_example
 from nexvitad_jax.data.folder_spec import SPEC_SUFFIXES
-from nexvitad_jax.data.mvtec import MVTEC_CLASSES, MVTecDataset
+from nexvitad_jax.data.mvtec import MVTEC_CLASSES
 from nexvitad_jax.errors import UserInputError
 
 _ARCHIVE_NAMES = ("mvtec_anomaly_detection.tar.xz",)
@@ -51,21 +53,23 @@ def _find_source(manual_dir: Path, category: str) -> Path:
     for name in (f"{category}.tar.xz", *_ARCHIVE_NAMES):
         if (manual_dir / name).is_file():
             return manual_dir / name
-    archives = sorted(manual_dir.glob("*.tar.xz"))
+    archives = sorted(p for p in manual_dir.iterdir() if p.is_file() and is_archive_name(p.name))
     if len(archives) == 1:
         return archives[0]
     raise UserInputError(
         f"{manual_dir}: no category {category!r} found; expected a dataset folder holding {category}/ "
-        f"(e.g. {category}/train/good), {category}.tar.xz or mvtec_anomaly_detection.tar.xz in the manual "
-        "dir, or a folder-spec file"
+        f"(e.g. {category}/train/good), {category}.tar.xz, mvtec_anomaly_detection.tar.xz or a single dataset "
+        "archive (.tar, .tar.gz, .tar.xz, .zip) in the manual dir, or a folder-spec file"
     )
 
 
 def open_source(manual_dir, category: str, image_size: int, cache_dir):
-    """The dataset of the manual dir, checked to hold `category` (an archive is listed, not decoded)."""
+    """The dataset of the manual dir, checked to hold `category` (an MVTec AD archive is listed, not
+    decoded; another archive is extracted once)."""
     source = _find_source(Path(manual_dir), category)
     if source.is_file() and source.suffix.lower() not in SPEC_SUFFIXES:
-        dataset = MVTecDataset(source, image_size=image_size, cache_dir=cache_dir, decode_on_scan=False)
+        dataset = open_archive(source, image_size=image_size, cache_dir=cache_dir, open_folder=open_folder,
+                               decode_on_scan=False)
     else:
         dataset = open_dataset(source, image_size=image_size, cache_dir=cache_dir)
     if category not in dataset.classes:
@@ -105,9 +109,10 @@ class MVTecAD(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         config = self.builder_config
-        # The same reader as open_dataset (its .npz cache is not used here).
+        # The same reader as open_dataset (its .npz cache is not used here; an archive's listing and
+        # extracted copy are, under DATA_DIR/archives, not in this version's folder).
         source = Path(dl_manager.manual_dir) / config.source
-        dataset = open_source(source, config.category, config.image_size, self.data_dir)
+        dataset = open_source(source, config.category, config.image_size, Path(self.data_dir_root))
         read = dataset.reader(config.category)
         return {split: self._generate_examples(dataset.entries(config.category, split), read)
                 for split in dataset.counts(config.category)}

@@ -1,17 +1,24 @@
-"""`nexvitad score`: memory-bank anomaly maps for a folder of images.
+"""`nexvitad score`: anomaly maps, scores and decisions of a fitted detector for a folder of images.
 
-    nexvitad score --normal DIR --images DIR --out DIR [--backbone DIR] [--dino DIR] [--k 30]
+    nexvitad score --detector DETECTOR --images DIR --out DIR      # a folder from `nexvitad fit`
+    nexvitad score --normal DIR --images DIR --out DIR [fit options: --backbone DIR --k 30 ...]
 
-Builds the memory bank from M normal images of --normal (sorted, the seed's slice), scores every
-image under --images (searched recursively), and writes OUT/scores.csv (path, image score) and
-OUT/heatmaps/<relative path>.png (original | heatmap overlay). Without --backbone it uses a tiny
-randomly initialized Hiera (a demo of the pipeline, not a trained detector) and says so.
+With --normal the detector is fitted and calibrated on the fly, as `nexvitad fit --normal` does
+(--save-detector keeps it). Every image under --images (searched recursively) is resized to the
+detector's input size and scored. Outputs in --out:
+  predictions.csv, predictions.json  image, raw score, normalized score (0.5 at the image threshold,
+                                     `nexvitad_jax.inference.calibration`), decision; the JSON also
+                                     holds the calibration
+  masks/<relative path>.png          the binary defect mask (pixels >= the pixel threshold), 0/255
+  overlays/<relative path>.png       the image with its normalized heatmap over it, a colour bar,
+                                     the decision and the score in the title
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -58,77 +65,27 @@ def check_readable(paths: list[Path]) -> None:
             raise UserInputError(f"{path}: not a readable image ({error})") from error
 
 
-def heat_colors(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> RGB in [0, 1] with the 'jet' colormap (blue, cyan, yellow, red)."""
-    return np.clip(1.5 - np.abs(4.0 * values[..., None] - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)
-
-
-def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, low: float, high: float) -> np.ndarray:
-    """original | image blended with the heatmap (maps scaled by one range for the whole run)."""
-    heat = heat_colors(np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0))
-    blended = 0.5 * image + 0.5 * heat
-    gap = np.ones((image.shape[0], 4, 3), image.dtype)
-    return (np.concatenate([image, gap, blended], axis=1) * 255.0 + 0.5).astype(np.uint8)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nexvitad score", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--normal", required=True, help="folder of normal (defect-free) images")
+    from nexvitad_jax.inference.fitted import add_fit_arguments
+
+    parser = argparse.ArgumentParser(prog="nexvitad score", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+    parser.add_argument("--detector", help="a detector folder (`nexvitad fit --out`)")
+    parser.add_argument("--normal", help="fit on the fly on this folder of normal images instead")
     parser.add_argument("--images", required=True, help="folder of images to score (recursive)")
-    parser.add_argument("--out", required=True, help="output folder (scores.csv, heatmaps/)")
-    parser.add_argument("--backbone", help="converted Hiera checkpoint (python -m converters hiera ...)")
-    parser.add_argument("--dino", help="converted DINOv2 checkpoint, concatenated to each Hiera stage")
-    parser.add_argument("--k", type=int, default=30, help="prototypes per layer (default 30)")
-    parser.add_argument("--shots", type=int, default=10, help="normal images in the memory bank (M, default 10)")
-    parser.add_argument("--seed", type=int, default=0, help="which M normal images and the K-means seed")
-    parser.add_argument("--layers", default="0,1,2,3", help="Hiera stages to use (default 0,1,2,3)")
-    parser.add_argument("--image-size", type=int, default=224, help="model input size (default 224)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--sigma", type=float, default=2.0, help="Gaussian smoothing of the maps")
-    parser.add_argument("--save-detector", help="also save the fitted detector to this folder")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", required=True, help="output folder (predictions, masks/, overlays/)")
+    parser.add_argument("--save-detector", help="with --normal: also save the fitted detector to this folder")
+    add_fit_arguments(parser)
+    args = parser.parse_args(argv)
+    if (args.detector is None) == (args.normal is None):
+        raise UserInputError("give either --detector DETECTOR (from `nexvitad fit`) or --normal DIR (fit on the fly)")
+    return args
 
 
 # Images read and scored per call of the detector, in global batches: enough for the devices to
 # work on one batch while the host places the next.
 BATCHES_PER_CHUNK = 8
-
-
-def fitted_detector(args: argparse.Namespace):
-    """The detector the arguments describe, its memory bank built from the --normal images."""
-    from tqdm import tqdm
-
-    from nexvitad_jax.data import few_shot_indices
-    from nexvitad_jax.inference import AnomalyDetector, BackboneFeatureExtractor
-
-    try:
-        layers = tuple(int(layer) for layer in args.layers.split(","))
-    except ValueError:
-        raise UserInputError(f"--layers {args.layers!r}: expected comma-separated stage indices, e.g. 0,1,2,3")
-    if args.k < 1:
-        raise UserInputError(f"--k {args.k}: expected a positive number of prototypes")
-    if args.shots < 1:
-        raise UserInputError(f"--shots {args.shots}: expected at least one normal image")
-    candidates = list_images(args.normal, "--normal")
-    normal_files = [candidates[i] for i in few_shot_indices([str(path) for path in candidates], args.shots, args.seed)]
-    normal = np.stack([read_image(path, args.image_size) for path in normal_files])
-    options = dict(layers=layers, image_size=args.image_size)
-    if args.backbone:
-        extractor = BackboneFeatureExtractor.from_dirs(args.backbone, args.dino, **options)
-    else:
-        if args.dino:
-            raise UserInputError("--dino needs --backbone (a converted Hiera checkpoint)")
-        print("nexvitad score: no --backbone given; using a tiny randomly initialized Hiera "
-              "(a demo of the pipeline, not a trained detector)", file=sys.stderr)
-        extractor = BackboneFeatureExtractor.random(seed=args.seed, **options)
-    detector = AnomalyDetector(extractor, k=args.k, sigma=args.sigma, seed=args.seed, batch_size=args.batch_size)
-    with tqdm(total=len(normal), desc="memory bank", unit="img", file=sys.stderr) as progress:
-        detector.fit(normal, progress)
-    for layer, result in enumerate(detector.memory_bank.results):
-        if not bool(result.converged):
-            print(f"nexvitad score: K-means of layer {layer} stopped after {int(result.iterations)} iterations "
-                  f"(prototype shift {float(result.shift):.2e})", file=sys.stderr)
-    return detector
 
 
 def score_files(detector, image_files: list[Path], image_size: int) -> list[tuple[Path, np.ndarray, np.ndarray, float]]:
@@ -149,32 +106,90 @@ def score_files(detector, image_files: list[Path], image_size: int) -> list[tupl
     return scored
 
 
-def write_outputs(out: Path, images_root: Path, scored) -> None:
-    """OUT/heatmaps/<relative path>.png (maps scaled by one range for the whole run), OUT/scores.csv."""
-    from PIL import Image
+def predictions(scored, images_root: Path, calibration) -> list[dict]:
+    """One record per image: relative path, raw and normalized image score, decision."""
+    raw = np.array([score for _, _, _, score in scored])
+    normalized, decisions = calibration.normalize_image_scores(raw), calibration.decisions(raw)
+    return [{"image": path.relative_to(images_root).as_posix(), "score": float(score),
+             "normalized_score": float(norm), "decision": "anomalous" if decision else "normal"}
+            for (path, _, _, score), norm, decision in zip(scored, normalized, decisions)]
 
-    low = min(float(anomaly_map.min()) for _, _, anomaly_map, _ in scored)
-    high = max(float(anomaly_map.max()) for _, _, anomaly_map, _ in scored)
-    for path, image, anomaly_map, _ in scored:
-        target = (out / "heatmaps" / path.relative_to(images_root)).with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(overlay_panel(image / 255.0, anomaly_map, low, high)).save(target)
-    with open(out / "scores.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image", "score"])
-        writer.writerows((path.relative_to(images_root).as_posix(), f"{score:.6g}") for path, _, _, score in scored)
+
+def overlay_figure(image: np.ndarray, normalized_map: np.ndarray, mask: np.ndarray, title: str) -> np.ndarray:
+    """The image with its normalized map (0.5 = the pixel threshold, jet, alpha 0.5) over it, the
+    mask's outline, a colour bar and `title`, rendered with matplotlib's Agg -> RGB uint8."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.6, 4.0), dpi=100)
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.imshow(image)
+    heat = axes.imshow(normalized_map, cmap="jet", vmin=0.0, vmax=1.0, alpha=0.5)
+    if mask.any() and not mask.all():
+        axes.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=0.8)
+    axes.set_axis_off()
+    axes.set_title(title, fontsize=9)
+    figure.colorbar(heat, ax=axes, fraction=0.046, pad=0.04, label="normalized anomaly score (0.5 = threshold)")
+    figure.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def write_outputs(out: Path, images_root: Path, scored, calibration) -> list[dict]:
+    """predictions.csv/json, masks/ and overlays/ (module docstring)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    records = predictions(scored, images_root, calibration)
+    for (path, image, anomaly_map, _), record in tqdm(list(zip(scored, records)), desc="figures", unit="img",
+                                                      file=sys.stderr):
+        relative = path.relative_to(images_root).with_suffix(".png")
+        mask = calibration.masks(anomaly_map)
+        for folder in ("masks", "overlays"):
+            (out / folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((mask * 255).astype(np.uint8)).save(out / "masks" / relative)
+        title = (f"{relative.as_posix()}: {record['decision'].upper()}\n"
+                 f"score {record['score']:.4g} (normalized {record['normalized_score']:.2f})")
+        overlay = overlay_figure(image, calibration.normalize_maps(anomaly_map), mask, title)
+        Image.fromarray(overlay).save(out / "overlays" / relative)
+    with open(out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "score", "normalized_score", "decision"])
+        writer.writeheader()
+        writer.writerows({**r, "score": f"{r['score']:.6g}", "normalized_score": f"{r['normalized_score']:.6g}"}
+                         for r in records)
+    summary = {"calibration": calibration.to_dict(), "predictions": records}
+    (out / "predictions.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return records
+
+
+def load_detector(args: argparse.Namespace):
+    """The detector of --detector, or fitted on the fly from --normal."""
+    from nexvitad_jax.inference.detector import AnomalyDetector
+    from nexvitad_jax.inference.fitted import fit_from_folder
+
+    if args.normal is not None:
+        detector = fit_from_folder(args, "score")
+        if args.save_detector:
+            detector.save(args.save_detector)
+        return detector
+    detector = AnomalyDetector.load(args.detector)
+    if detector.calibration is None or detector.image_size is None:
+        raise UserInputError(f"--detector {args.detector}: not calibrated (no calibration.json or input size); "
+                             "fit it with `nexvitad fit`")
+    return detector
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     image_files = list_images(args.images, "--images")
     check_readable(image_files)
-    detector = fitted_detector(args)
-    if args.save_detector:
-        detector.save(args.save_detector)
+    detector = load_detector(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scored = score_files(detector, image_files, args.image_size)
-    write_outputs(out, Path(args.images), scored)
-    print(f"nexvitad score: {len(scored)} images scored; {out / 'scores.csv'} and {out / 'heatmaps'}/")
+    scored = score_files(detector, image_files, detector.image_size)
+    records = write_outputs(out, Path(args.images), scored, detector.calibration)
+    flagged = sum(record["decision"] == "anomalous" for record in records)
+    print(f"nexvitad score: {len(records)} images scored, {flagged} anomalous; {out / 'predictions.csv'}, "
+          f"predictions.json, masks/ and overlays/")
     return 0

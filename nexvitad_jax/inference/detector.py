@@ -23,11 +23,12 @@ from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.identity import describe_differences
 from nexvitad_jax.inference.anomaly_maps import anomaly_maps, check_layers
 from nexvitad_jax.inference.batching import map_batches, replicate
-from nexvitad_jax.inference.extractors import FeatureExtractor, extractor_from_description
+from nexvitad_jax.inference.calibration import Calibration
+from nexvitad_jax.inference.extractors import FeatureExtractor
 from nexvitad_jax.inference.memory_bank import MemoryBank, build_memory_bank
 from nexvitad_jax.sharding import make_mesh
 
-DETECTOR_FORMAT_VERSION = 1
+DETECTOR_FORMAT_VERSION = 2  # 2: manifest, calibration, weights inside the folder
 
 
 class AnomalyDetector:
@@ -37,7 +38,8 @@ class AnomalyDetector:
     (default: every device) should be the extractor's, where its weights are replicated."""
 
     def __init__(self, extractor: FeatureExtractor, *, k: int = 30, sigma: float = 2.0, seed: int = 0,
-                 batch_size: int = 8, kmeans_options: dict | None = None, mesh: Mesh | None = None):
+                 batch_size: int = 8, kmeans_options: dict | None = None, mesh: Mesh | None = None,
+                 image_size: int | None = None):
         if not isinstance(k, (int, np.integer)) or k < 1:
             raise UserInputError(f"k = {k!r}: expected a positive number of prototypes")
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -47,6 +49,9 @@ class AnomalyDetector:
         self.mesh = make_mesh() if mesh is None else mesh
         self.kmeans_options = dict(kmeans_options or {})
         self.memory_bank: MemoryBank | None = None
+        # The input size the detector was fitted at (None: any); exports and `score` use it.
+        self.image_size = None if image_size is None else int(image_size)
+        self.calibration: Calibration | None = None  # thresholds and normalization (calibration.py)
 
     def _check_images(self, images, name: str) -> np.ndarray:
         images = np.asarray(images)
@@ -87,12 +92,17 @@ class AnomalyDetector:
     def config(self) -> dict[str, Any]:
         return {"format_version": DETECTOR_FORMAT_VERSION, "k": self.k, "sigma": self.sigma, "seed": self.seed,
                 "batch_size": self.batch_size, "kmeans_options": self.kmeans_options,
-                "extractor": self.extractor.describe(),
+                "image_size": self.image_size, "extractor": self.extractor.describe(),
                 "layers": [int(p.shape[-1]) for p in self.memory_bank.prototypes] if self.memory_bank else None}
 
     def save(self, directory: str | Path) -> Path:
-        """DIR/detector.json (config + extractor identity) and DIR/prototypes (orbax)."""
+        """The detector folder (`nexvitad_jax.inference.fitted` describes it): manifest.json,
+        detector.json (config + extractor identity), prototypes/ (orbax), calibration.json (when
+        calibrated) and the extractor's weights (converted checkpoints copied in, the trained encoder
+        saved), so the folder runs wherever it is copied."""
         import orbax.checkpoint as ocp
+
+        from nexvitad_jax.inference.fitted import save_extractor, write_manifest
 
         if self.memory_bank is None:
             raise UserInputError("nothing to save: the detector has no memory bank yet (call fit first)")
@@ -102,29 +112,29 @@ class AnomalyDetector:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(directory / "prototypes", tree, force=True)
         checkpointer.wait_until_finished()
-        (directory / "detector.json").write_text(json.dumps(self.config(), indent=2) + "\n")
+        config = {**self.config(), "extractor": save_extractor(directory, self.extractor)}
+        (directory / "detector.json").write_text(json.dumps(config, indent=2) + "\n")
+        calibration_path = directory / "calibration.json"
+        if self.calibration is not None:
+            calibration_path.write_text(json.dumps(self.calibration.to_dict(), indent=2) + "\n")
+        elif calibration_path.exists():
+            calibration_path.unlink()
+        write_manifest(directory)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, extractor: FeatureExtractor | None = None,
              mesh: Mesh | None = None) -> AnomalyDetector:
-        """Read a saved detector; `extractor` defaults to the one described in detector.json (built on
-        `mesh`), and a given one must describe itself identically (the error lists what differs)."""
+        """Read a saved detector; `extractor` defaults to the one the folder holds (built on `mesh`),
+        and a given one must describe itself identically (the error lists what differs)."""
         import orbax.checkpoint as ocp
 
+        from nexvitad_jax.inference.fitted import load_extractor, read_calibration, read_detector_config
+
         directory = Path(directory).resolve()
-        config_path = directory / "detector.json"
-        if not config_path.is_file():
-            raise UserInputError(f"{config_path}: missing; {directory} is not a saved AnomalyDetector")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UserInputError(f"{config_path}: not valid JSON ({error})") from error
-        if config.get("format_version") != DETECTOR_FORMAT_VERSION:
-            raise UserInputError(f"{config_path}: format_version {config.get('format_version')!r}, expected "
-                                 f"{DETECTOR_FORMAT_VERSION}")
+        config = read_detector_config(directory)
         if extractor is None:
-            extractor = extractor_from_description(config["extractor"], mesh)
+            extractor = load_extractor(directory, config["extractor"], mesh)
         differences = describe_differences(config["extractor"], extractor.describe())
         if differences:
             raise UserInputError(f"{directory}: the feature extractor does not match the one the memory bank was "
@@ -135,6 +145,8 @@ class AnomalyDetector:
             raise UserInputError(f"{directory / 'prototypes'}: could not read the prototypes ({error})") from error
         prototypes = [jnp.asarray(restored[f"layer_{i}"]) for i in range(len(config["layers"]))]
         detector = cls(extractor, k=config["k"], sigma=config["sigma"], seed=config["seed"],
-                       batch_size=config["batch_size"], kmeans_options=config["kmeans_options"], mesh=mesh)
+                       batch_size=config["batch_size"], kmeans_options=config["kmeans_options"], mesh=mesh,
+                       image_size=config.get("image_size"))
         detector.memory_bank = MemoryBank(prototypes, [])
+        detector.calibration = read_calibration(directory)
         return detector

@@ -23,18 +23,21 @@ from nexvitad_jax.metrics.evaluators import DEFAULT_FPR_LIMIT, EVALUATORS, evalu
 
 def load_maps(path: Path) -> dict[str, np.ndarray]:
     """Arrays `scores`, `masks` (and `image_scores` if present) from an .npz file."""
+    expected = "expected an .npz (as `nexvitad run` writes in maps/) with 'scores' and 'masks'"
     if not path.is_file():
-        raise UserInputError(f"{path}: no such file; expected an .npz with 'scores' and 'masks'")
+        raise UserInputError(f"{path}: no such file; {expected}")
+    if not zipfile.is_zipfile(path):  # checked first: numpy would call any other file pickled data
+        with open(path, "rb") as file:
+            kind = ("a single array (an .npy file)" if file.read(6) == b"\x93NUMPY"
+                    else "not a readable .npz file (not a zip archive of arrays)")
+        raise UserInputError(f"{path}: {kind}; {expected}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise UserInputError(f"{path}: a single array, expected an .npz with 'scores' and 'masks'")
-        with loaded as archive:
+        with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        if isinstance(err, UserInputError):
-            raise
-        raise UserInputError(f"{path}: not a readable .npz file ({err})") from None
+    except ValueError:  # allow_pickle=False refusing an object array
+        raise UserInputError(f"{path}: holds object (pickled) arrays; {expected}, numeric arrays") from None
+    except (OSError, zipfile.BadZipFile) as err:
+        raise UserInputError(f"{path}: not a readable .npz file ({err}); {expected}") from None
     missing = [name for name in ("scores", "masks") if name not in arrays]
     if missing:
         raise UserInputError(f"{path}: missing array(s) {missing}; found {sorted(arrays)}")
@@ -65,8 +68,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("maps", type=Path, help=".npz with scores (N,H,W), masks (N,H,W)[, image_scores (N,)]")
     parser.add_argument("--names", default=None,
                         help=f"comma-separated evaluators (default all): {','.join(EVALUATORS)}")
-    parser.add_argument("--fpr-limit", type=float, default=DEFAULT_FPR_LIMIT)
-    parser.add_argument("--backend", default="auto", choices=["auto", "numpy", "jax"])
+    parser.add_argument("--fpr-limit", type=float, default=DEFAULT_FPR_LIMIT,
+                        help=f"the false-positive-rate limit AUPRO integrates to (default {DEFAULT_FPR_LIMIT})")
+    parser.add_argument("--backend", default="auto", choices=["auto", "numpy", "jax"],
+                        help="where the metrics are computed: numpy, jax, or auto (NumPy on CPU, JAX on an accelerator; default)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 

@@ -1,5 +1,5 @@
 """NexViTAD multi-task decoder heads (paper section 3.1.2), stacked so heads of one shape run as
-one vmapped computation.
+one computation over a leading head axis.
 
 - `SegmentationHead`: U-Net over F_4..F_1 (eq. 4): 2x2 stride-2 transposed conv (to the block's
   width, or keeping the coarse width: `UPCONV`), concat skip, ConvBlock (3x3 conv, BatchNorm,
@@ -8,6 +8,16 @@ one vmapped computation.
 - `PseudoLabelHead`: 1x1 convs 2 d_3 -> 64 -> 32 -> 2 on F_3 (ReLU between), logits upsampled
   bilinearly to H x W.
 - `StackedHeads`: n heads of one kind with a leading head axis on every variable.
+
+Formulations chosen for speed forward and backward on XLA:CPU and GPU alike (profile and figures:
+benchmarks/train_step.py, benchmarks/results/train_step_representative.json):
+- the 2x2 stride-2 transposed convolution is one matmul and a depth-to-space reshape
+  (`UpConv2x2`), exactly what the convolution computes; XLA lowers `lax.conv_transpose` to a
+  convolution with lhs dilation, whose gradients XLA:CPU runs on a slow generic path;
+- the stacked heads run one after another (a fully unrolled `lax.scan`), so each convolution is an
+  ordinary one: vmapped heads make grouped convolutions (and, in the gradient, batch-grouped
+  ones), which XLA:CPU runs several times slower than the same convolutions one by one, and which
+  XLA's partitioners do not split along the batch.
 """
 
 from __future__ import annotations
@@ -45,6 +55,29 @@ class ConvBlock(nnx.Module):
         return jax.nn.relu(self.norm(self.conv(x), use_running_average=not train, mask=example_mask).astype(x.dtype))
 
 
+def depth_to_space_2x2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 2x2 stride-2 "VALID" transposed convolution (`lax.conv_transpose`'s numerics, its kernel
+    (2, 2, in, out) not flipped: output pixel (2y + a, 2x + b) takes kernel tap (1 - a, 1 - b)) as
+    one contraction over the input channels to 4 * out channels, then a depth-to-space reshape.
+    The output windows do not overlap, so this is exact, and a matmul forward and backward."""
+    batch, height, width, _ = x.shape
+    taps = jnp.einsum("nyxc,abco->nyaxbo", x, kernel[::-1, ::-1])
+    return taps.reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
+
+
+class UpConv2x2(nnx.ConvTranspose):
+    """nnx.ConvTranspose(kernel 2x2, stride 2, "VALID") computed by `depth_to_space_2x2`: the same
+    variables (kernel (2, 2, in, out), bias), initialization and checkpoint paths."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(in_features, out_features, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, kernel, bias = self.promote_dtype((x, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return depth_to_space_2x2(x, kernel) + bias
+
+
 class SegmentationHead(nnx.Module):
     """U-Net decoder over the interleaved features (eq. 4) -> (B, H, W, 2) logits.
 
@@ -62,7 +95,7 @@ class SegmentationHead(nnx.Module):
         coarse = feature_dims[-1]
         for skip, width in zip(reversed(feature_dims[:-1]), channels):
             up_width = width if upconv == "width" else coarse
-            ups.append(nnx.ConvTranspose(coarse, up_width, (2, 2), strides=(2, 2), padding="VALID", **kw))
+            ups.append(UpConv2x2(coarse, up_width, **kw))
             blocks.append(ConvBlock(up_width + skip, width, **kw))
             coarse = width
         self.ups = nnx.List(ups)
@@ -99,8 +132,8 @@ class PseudoLabelHead(nnx.Module):
 
 
 class StackedHeads(nnx.Module):
-    """`count` heads made by `make(rngs)`, every variable with a leading head axis; calls vmap the
-    head over it (inputs either per head, axis 0, or shared by all heads)."""
+    """`count` heads made by `make(rngs)`, every variable with a leading head axis; calls run each
+    head on its slice (inputs either per head, axis 0, or shared by all heads)."""
 
     def __init__(self, count: int, make: Callable[[nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
         self.count = count
@@ -114,17 +147,20 @@ class StackedHeads(nnx.Module):
 
     def __call__(self, inputs, *args, per_head_inputs: bool = True, mask: jax.Array | None = None, **kwargs):
         """Inputs: a pytree whose leaves have a leading head axis (per_head_inputs) or are shared.
-        `mask` (given to heads that take one): per example, laid out like the inputs' leading axes."""
-        # A raw jax.vmap over the split state (not nnx.vmap), so the heads also run inside raw
+        `mask` (given to heads that take one): per example, laid out like the inputs' leading axes.
+        The heads run one after another (see the module docstring); outputs are stacked."""
+        # Over the split state with raw jax transforms (not nnx's), so the heads also run inside raw
         # transforms (jax.value_and_grad over a merged state) whatever the variables' trace levels.
         graphdef, state = nnx.split(self.heads)
 
-        def apply(head_state, head_inputs, head_mask):
+        def apply(carry, per_head):
+            head_state, head_inputs, head_mask = per_head if per_head_inputs else (per_head[0], inputs, mask)
             head = nnx.merge(graphdef, head_state)
             output = head(head_inputs, *args, **kwargs, **({} if head_mask is None else {"mask": head_mask}))
-            return output, nnx.state(head)
+            return carry, (output, nnx.state(head))
 
-        input_axis = 0 if per_head_inputs else None
-        outputs, new_state = jax.vmap(apply, in_axes=(0, input_axis, input_axis))(state, inputs, mask)
+        # Unrolled: a rolled loop's gradient runs its convolutions on XLA:CPU's slow path.
+        per_head = (state, inputs, mask) if per_head_inputs else (state, None, None)
+        _, (outputs, new_state) = jax.lax.scan(apply, None, per_head, unroll=True)
         nnx.update(self.heads, new_state)
         return outputs

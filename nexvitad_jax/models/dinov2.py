@@ -265,7 +265,43 @@ class Dinov2(nnx.Module):
                                                antialias=self.config.interpolate_antialias)
         return jnp.concatenate([pos[:, :1], patch_pos.reshape(1, grid[0] * grid[1], -1)], axis=1)
 
-    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, pixel_values: jax.Array, *, cls_attention: bool = False,
+                 hidden_states: bool = False) -> tuple[jax.Array, ...]:
+        """(patch grid (B, h, w, D), cls (B, D)), then the opt-in outputs in this order (the default
+        outputs are the same either way):
+        - `cls_attention`: the last layer's attention of the class token to every patch token,
+          (B, heads, h, w) float32 softmax probabilities (HF `output_attentions=True`:
+          `attentions[-1][:, :, 0, 1 + registers:]`; PatchEAD+'s foreground mask);
+        - `hidden_states`: every layer's output patch tokens before the final norm, (layers, B, h,
+          w, D) (HF `output_hidden_states=True`: `hidden_states[1:]`; INP-Former's encoder groups)."""
+        config = self.config
+        x, grid = self._embed(pixel_values)
+        batch = x.shape[0]
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def apply_layer(carry: jax.Array, layer: Dinov2Layer) -> jax.Array:
+            return layer(carry)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        def apply_layer_keep(carry: tuple[jax.Array, jax.Array], layer: Dinov2Layer):
+            out = layer(carry[0])  # the last iteration leaves the last layer's input in the carry
+            return (out, carry[0]), out[:, 1 + config.num_register_tokens:] if hidden_states else None
+
+        if cls_attention or hidden_states:
+            (x, last_input), layer_outputs = apply_layer_keep((x, x), self.layers)
+        else:
+            x = apply_layer(x, self.layers)
+        x = self.layernorm(x)
+        patch_tokens = x[:, 1 + config.num_register_tokens:].reshape(batch, grid[0], grid[1], self.hidden_size)
+        outputs = (patch_tokens, x[:, 0])
+        if cls_attention:
+            outputs += (self._last_cls_attention(last_input, grid),)
+        if hidden_states:
+            outputs += (layer_outputs.reshape(-1, batch, grid[0], grid[1], self.hidden_size),)
+        return outputs
+
+    def _embed(self, pixel_values: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+        """Images -> the first layer's input tokens (class, registers, patches) and the patch grid."""
         config = self.config
         patch = config.patch_size
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != config.num_channels:
@@ -288,14 +324,20 @@ class Dinov2(nnx.Module):
             registers = jnp.broadcast_to(self.register_tokens.value.astype(x.dtype),
                                          (batch, config.num_register_tokens, self.hidden_size))
             x = jnp.concatenate([x[:, :1], registers, x[:, 1:]], axis=1)
+        return x, grid
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def apply_layer(carry: jax.Array, layer: Dinov2Layer) -> jax.Array:
-            return layer(carry)
-
-        x = self.layernorm(apply_layer(x, self.layers))
-        patch_tokens = x[:, 1 + config.num_register_tokens:]
-        return patch_tokens.reshape(batch, grid[0], grid[1], self.hidden_size), x[:, 0]
+    def _last_cls_attention(self, last_input: jax.Array, grid: tuple[int, int]) -> jax.Array:
+        """The last layer's class-token attention probabilities over the patch tokens, (B, heads, h, w),
+        recomputed from that layer's input with its own norm and QKV weights."""
+        graphdef, state = nnx.split(self.layers)
+        last = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf[-1], state))
+        batch, tokens, dim = last_input.shape
+        heads = self.config.num_attention_heads
+        qkv = last.attention.qkv(last.norm1(last_input)).reshape(batch, tokens, 3, heads, dim // heads)
+        query, keys = qkv[:, 0, 0].astype(jnp.float32), qkv[:, :, 1].astype(jnp.float32)
+        logits = jnp.einsum("bnh,btnh->bnt", query, keys, precision=jax.lax.Precision.HIGHEST) / math.sqrt(dim // heads)
+        probabilities = jax.nn.softmax(logits, axis=-1)[:, :, 1 + self.config.num_register_tokens:]
+        return probabilities.reshape(batch, heads, *grid)
 
 
 def num_tokens(config: Dinov2Config, image_hw: tuple[int, int]) -> int:

@@ -3,6 +3,13 @@ BatchNorm statistics, step, RNG), the current pseudo-labels and the data-order m
 writes each step to a temporary directory and renames it when complete, so a run killed mid-save
 leaves the previous checkpoint intact.
 
+Saving is synchronous (the state is small: the frozen backbones are not in it) and runs with
+SIGINT/SIGTERM held (`nexvitad_jax.signals.deferred`): an interrupt lets the write in flight finish.
+A save that fails (no space, read-only, permission denied) removes its temporary directory, keeps
+the previous checkpoints, and raises one OSError naming the step's directory and the cause, in
+place of orbax's error tracebacks from its writer threads (silenced while a save runs). Temporary
+directories of a process killed mid-save are removed when the next run opens the checkpoints.
+
 The state is saved as nested dicts keyed by each leaf's tree path (e.g. trainable / encoder /
 adapters / 0 / down / kernel / value), so a checkpoint says what it holds; on restore the tree
 structure comes from the live state (which sidesteps orbax's handling of nnx.State keys).
@@ -12,13 +19,23 @@ restored by index when they fit the live state.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.io import naming
+from nexvitad_jax.signals import deferred
+
+TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
@@ -57,9 +74,16 @@ def _shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
 class Checkpoints:
     def __init__(self, directory: str | Path, *, every_steps: int, keep: int = 2):
         self.directory = Path(directory).resolve()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if jax.process_index() == 0:
+                _remove_temporaries(self.directory)
+        except OSError as error:
+            raise naming(error, self.directory) from None
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(save_interval_steps=max(int(every_steps), 1),
-                                                                 max_to_keep=keep, create=True),
+                                                                 max_to_keep=keep, create=True,
+                                                                 enable_async_checkpointing=False),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "pseudo_labels": ocp.StandardCheckpointHandler(),
                            "metadata": ocp.JsonCheckpointHandler()})
 
@@ -67,7 +91,15 @@ class Checkpoints:
         items = {"state": ocp.args.StandardSave(leaves_by_path(state)),
                  "pseudo_labels": ocp.args.StandardSave({"labels": pseudo_labels}),
                  "metadata": ocp.args.JsonSave(metadata)}
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        try:
+            with deferred(), _orbax_quiet():
+                return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        except Exception as error:
+            _remove_temporaries(self.directory)
+            cause = _os_error(error, self.directory / str(step))
+            if cause is None:
+                raise
+            raise cause from None
 
     def due(self, step: int) -> bool:
         """Whether `save(step, ...)` would write (the save interval)."""
@@ -110,3 +142,43 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """Orbax's temporary directories of steps whose save did not complete."""
+    for path in directory.glob(f"*{TMP_MARK}*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+_STATUS_ERRNO = {"RESOURCE_EXHAUSTED": errno.ENOSPC, "PERMISSION_DENIED": errno.EACCES}
+
+
+def _os_error(error: BaseException, path: Path) -> OSError | None:
+    """The OSError behind a failed save (orbax and tensorstore wrap it in ValueErrors and their
+    status codes) naming `path`, or None if there is none."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return naming(seen, path)
+        code = _OS_ERROR_CODE.search(str(seen))
+        if code:
+            return naming(OSError(int(code.group(1)), os.strerror(int(code.group(1)))), path)
+        status = next((errno_ for name, errno_ in _STATUS_ERRNO.items() if str(seen).startswith(name)), None)
+        if status is not None:
+            return naming(OSError(status, os.strerror(status)), path)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _orbax_quiet() -> Iterator[None]:
+    """Orbax logs each writer thread's failure with its traceback (absl ERROR): the save's own
+    exception says it once."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

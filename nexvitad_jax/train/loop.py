@@ -103,6 +103,9 @@ def train(config, dataset, source: list[str], target: list[str], workdir: str | 
                 "steps_per_epoch": batches.steps_per_epoch,
                 "data_order": "numpy default_rng([seed, epoch, class]) permutation, wrapping"}
     log = _StepLog(workdir / "metrics.jsonl", total_steps, start, progress, batches.images_in)
+    if start:
+        log.note(f"nexvitad train: resumed from step {start} of {total_steps}" if start < total_steps else
+                 f"nexvitad train: trained earlier ({total_steps} steps); restored from the last checkpoint")
     try:
         # Data enters (the batches) and results leave (metrics, pseudo-labels, checkpoints) only
         # where the loop says so: any other transfer is an error.
@@ -123,7 +126,7 @@ def _run_steps(phase1_epochs: int, trainer: TrainStep, batches: TrainBatches, ch
     finite, so the last one is always good. Returns the final state and the last metrics."""
     state, labels = state_and_labels
     host_labels = jax.device_get(labels)  # the batches' copy, fetched once per refresh
-    pending, last_metrics = None, {}
+    pending, last_metrics, compiled = None, {}, set()
 
     def fetch(metrics, record: dict[str, Any]) -> dict[str, float]:
         fetched = {name: float(value) for name, value in jax.device_get(metrics).items()}
@@ -135,6 +138,9 @@ def _run_steps(phase1_epochs: int, trainer: TrainStep, batches: TrainBatches, ch
     for step in steps:
         epoch, within = divmod(step, batches.steps_per_epoch)
         phase = 1 if epoch < phase1_epochs else 2
+        if phase not in compiled:  # each phase's step is its own program, compiled at its first call
+            log.note(_compile_message(phase))
+            compiled.add(phase)
         if phase == 2 and within == 0:  # pseudo-labels refreshed at each phase-2 epoch start
             labels = trainer.pseudo_labels(state, batches.target_set)
             host_labels = jax.device_get(labels)
@@ -148,6 +154,14 @@ def _run_steps(phase1_epochs: int, trainer: TrainStep, batches: TrainBatches, ch
             with jax.transfer_guard("allow"):  # the state leaves for the checkpoint (orbax copies it)
                 checkpoints.save(step + 1, state, labels, metadata | {"epoch": epoch, "step": step + 1}, force=final)
     return state, last_metrics
+
+
+def _compile_message(phase: int) -> str:
+    # The figures: the demo config's step takes 11-29 s to compile on 2 CPU cores (issue 14); with
+    # Hiera-tiny + DINOv2-S at 224 px, 135 s on one (benchmarks/results/train_step_representative.json).
+    # The step compiles once per process: a resumed run compiles it again.
+    hint = "; ~10-30 s on CPU for the demo config, minutes for real backbones" if jax.default_backend() == "cpu" else ""
+    return f"nexvitad train: compiling the phase-{phase} train step (first time only{hint})..."
 
 
 def _note_padding(layout: StepLayout, phase1_epochs: int, epochs: int) -> None:
@@ -195,6 +209,13 @@ class _StepLog:
         if self.bar:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
             self.bar.update(1)
+
+    def note(self, message: str) -> None:
+        """A line for the user (process 0), above the progress bar when there is one."""
+        if self.bar:
+            self.bar.write(message, file=sys.stderr)
+        elif self.file:
+            print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar:

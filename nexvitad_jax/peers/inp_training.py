@@ -1,0 +1,156 @@
+"""INP-Former few-shot: train on a class's N normal images (jitted steps over the data mesh, AdamW,
+resumable through `nexvitad_jax.train.checkpoints`), then score test images in sharded batches.
+
+Each step draws `batch_size` of the N images (with replacement, by step), augments them on device
+(flip, 90-degree rotation, scaling, noise: `nexvitad_jax.train.augment`, in the spirit of the
+RegAD-style augmentation the paper uses for few-shot) and takes one AdamW step on
+L = L_sm + lambda L_c (eqs. 2/3, 5, 6). The frozen DINOv2's weights are an argument of the step,
+never part of the trained state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.inference.anomaly_maps import gaussian_blur, upsample_bilinear
+from nexvitad_jax.inference.batching import global_batch_size, map_batches, place_rows, replicate
+from nexvitad_jax.peers import inp_former as inp
+from nexvitad_jax.peers.encoder import DinoPatchEncoder
+
+
+class INPFormerDetector:
+    """fit(normal images, workdir) trains (resuming from workdir's checkpoints); predict(images) ->
+    (maps (B, H, W), image scores (B,): the mean of the top 1% of each map)."""
+
+    def __init__(self, encoder: DinoPatchEncoder, options: inp.INPFormerOptions = inp.INPFormerOptions(), *,
+                 seed: int = 0):
+        if options.coherence not in ("hard", "soft"):
+            raise UserInputError(f"INP-Former coherence {options.coherence!r}: expected 'hard' (eq. 2) or 'soft' (eq. 3)")
+        config = encoder.dino_config
+        self.groups = inp.encoder_layer_groups(config.num_hidden_layers)
+        if options.decoder_layers % len(self.groups):
+            raise UserInputError(f"INP-Former: {options.decoder_layers} decoder layers do not split into "
+                                 f"{len(self.groups)} groups")
+        self.layers = tuple(layer for group in self.groups for layer in group)
+        self.encoder, self.options, self.mesh, self.seed = encoder, options, encoder.mesh, int(seed)
+        heads = options.heads or config.num_attention_heads
+        self.model = inp.INPFormer(config.hidden_size, heads, options, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        self.optimizer = nnx.Optimizer(self.model, optax.chain(
+            optax.clip_by_global_norm(1.0), optax.adamw(options.learning_rate, weight_decay=options.weight_decay)),
+            wrt=nnx.Param)
+        self.losses: list[float] = []
+
+    def _statics(self) -> tuple:
+        """The static arguments of the jitted functions: only what changes the program (not the
+        step count), so detectors of one encoder and loss share their compilations."""
+        options = self.options
+        return self.encoder, (options.coherence, options.gamma, options.coherence_weight, options.sigma), self.groups
+
+    def fit(self, normal_images, workdir=None, progress: bool = False) -> INPFormerDetector:
+        """Train `options.steps` steps on the normal images (N, H, W, 3) in [0, 1]; with `workdir`,
+        resume from and save resumable checkpoints there."""
+        from tqdm.auto import tqdm
+
+        images = np.asarray(normal_images, np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2] or not len(images):
+            raise UserInputError(f"INP-Former: expected square normal images (N, S, S, 3) in [0, 1], got {images.shape}")
+        state, start, checkpoints = self.encoder.state, 0, None
+        nnx.update(self.model, replicate(nnx.state(self.model), self.mesh))
+        nnx.update(self.optimizer, replicate(nnx.state(self.optimizer), self.mesh))
+        if workdir is not None:
+            from nexvitad_jax.train.checkpoints import Checkpoints
+
+            checkpoints = Checkpoints(workdir, every_steps=self.options.checkpoint_every)
+            start = self._restore(checkpoints)
+        width = global_batch_size(self.options.batch_size, self.mesh)
+        self.model.train()
+        for step in tqdm(range(start, self.options.steps), desc="INP-Former", disable=not progress, leave=False):
+            rows = np.random.default_rng([self.seed, step]).integers(0, len(images), width)
+            batch = place_rows(images, rows, self.mesh)
+            key = jax.random.fold_in(jax.random.key(self.seed), step)
+            graph, trained = nnx.split((self.model, self.optimizer))
+            loss, trained = train_step(graph, trained, state, batch, key, *self._statics())
+            nnx.update((self.model, self.optimizer), trained)
+            self.losses.append(float(loss))
+            if checkpoints is not None and (checkpoints.due(step + 1) or step + 1 == self.options.steps):
+                checkpoints.save(step + 1, self._train_state(), np.zeros(1, np.float32), {"losses": self.losses},
+                                 force=step + 1 == self.options.steps)
+        if checkpoints is not None:
+            checkpoints.close()
+        self.model.eval()
+        return self
+
+    def _train_state(self):
+        """What a checkpoint holds: the weights, the dropout streams' counters (their keys are fixed
+        by the seed) and the optimizer state."""
+        return {"model": nnx.state(self.model, nnx.Any(nnx.Param, nnx.RngCount)), "optimizer": nnx.state(self.optimizer)}
+
+    def _restore(self, checkpoints) -> int:
+        latest = checkpoints.latest_step()
+        if latest is None:
+            return 0
+        state, _, metadata = checkpoints.restore(latest, self._train_state(), np.zeros(1, np.float32))
+        nnx.update(self.model, state["model"])
+        nnx.update(self.optimizer, state["optimizer"])
+        self.losses = list(metadata.get("losses", []))
+        return int(latest)
+
+    def predict(self, images, progress=None) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images, np.float32)
+        if images.ndim != 4 or images.shape[-1] != 3 or not len(images):
+            raise UserInputError(f"INP-Former: expected images (B, H, W, 3) in [0, 1], got shape {images.shape}")
+        self.model.eval()
+        state, size = self.encoder.state, tuple(images.shape[1:3])
+        graph, weights = nnx.split(self.model)
+        return map_batches(lambda batch: score_batch(graph, weights, state, batch, *self._statics(), size), images,
+                           self.options.batch_size, self.mesh, progress=progress)
+
+
+# The jitted functions take the encoder (hashed by identity), the options and the layer groups as
+# static arguments, so detectors that share them share one compiled program.
+
+
+def _layers(encoder, state, images, groups):
+    return encoder.encode_layers(state, images, tuple(layer for group in groups for layer in group))
+
+
+def _loss(model, state, images, *, encoder, options, groups):
+    layers = _layers(encoder, state, images, groups)
+    prototypes, outputs = model(layers)
+    targets, decoded = inp.group_means(layers, len(groups)), inp.group_means(outputs, len(groups))
+    coherence_kind, gamma, coherence_weight, _ = options
+    coherence = inp.coherence_loss(jnp.sum(layers, axis=0), prototypes, coherence_kind)
+    return inp.soft_mining_loss(targets, decoded, gamma) + coherence_weight * coherence
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7), donate_argnums=(1,))
+def train_step(graph, trained, state, images, key, encoder, options, groups):
+    """One AdamW step on L = L_sm + lambda L_c (eq. 6) over an augmented batch: (the loss, the new
+    (model, optimizer) state). Pure in the split state, so detectors of one structure share it."""
+    from nexvitad_jax.train.augment import augment, sample_transforms
+
+    model, optimizer = nnx.merge(graph, trained)
+    images = augment(images, sample_transforms(key, images.shape[0]))
+    loss_of = functools.partial(_loss, encoder=encoder, options=options, groups=groups)
+    loss, grads = nnx.value_and_grad(loss_of)(model, state, images)
+    optimizer.update(model, grads)
+    return loss, nnx.state((model, optimizer))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def score_batch(graph, weights, state, images, encoder, options, groups, size):
+    """(maps (B, H, W), image scores (B,)): the reconstruction error map, upsampled and smoothed, and
+    the mean of its top 1%."""
+    layers = _layers(encoder, state, images, groups)
+    _, outputs = nnx.merge(graph, weights)(layers)
+    patch = inp.reconstruction_map(inp.group_means(layers, len(groups)), inp.group_means(outputs, len(groups)))
+    maps = gaussian_blur(upsample_bilinear(patch.reshape(-1, encoder.grid, encoder.grid), size), options[-1])
+    flat = maps.reshape(maps.shape[0], -1)
+    return maps, jnp.mean(jax.lax.top_k(flat, max(1, int(0.01 * flat.shape[-1])))[0], axis=-1)
