@@ -97,10 +97,12 @@ def execute(workdir: Path, progress: bool, *, config, data: str, split: str, see
     from nexvitad_jax.inference import EncoderFeatureExtractor
     from nexvitad_jax.io import atomic_write
     from nexvitad_jax.metrics import mean_metrics
+    from nexvitad_jax.run import check_data
     from nexvitad_jax.train import train
 
     dataset = open_dataset(data, image_size=int(config.data.image_size), target_spec=target_data)
     source, target = split_classes(dataset, split, None, seed)
+    check_data(dataset, source, target)  # every image and mask it reads, before training
     trained = train(config, dataset, source, target, workdir / "train", progress=progress)
     extractor = EncoderFeatureExtractor.from_config(trained.model, config.bank)
     per_class = {}

@@ -72,6 +72,7 @@ def execute(workdir: Path, progress: bool, *, config, data: str, category: str |
     from nexvitad_jax.inference.anomaly_maps import anomaly_maps
     from nexvitad_jax.inference.batching import global_batch_size, padded_batches, replicate
     from nexvitad_jax.models.build import build_model
+    from nexvitad_jax.run import check_data
 
     # With --target-data the images are a target class's (the target data's names, as --target takes them).
     dataset = open_dataset(target_data or data, image_size=int(config.data.image_size))
@@ -80,6 +81,7 @@ def execute(workdir: Path, progress: bool, *, config, data: str, category: str |
     if category not in classes:
         raise UserInputError(f"--category {category!r}: not a class of {target_data or data}; expected one of "
                              f"{classes}")
+    check_data(dataset, [], [category])  # its images and masks, before anything is compiled
     model = build_model(config, 1, 1)
     extractor = EncoderFeatureExtractor.from_config(model, config.bank)
     normal = dataset.load(category, "train").images

@@ -1,17 +1,19 @@
 """The peer methods in NexViTAD's harness (`nexvitad_jax.peers`): PatchEAD and PatchEAD+ few-shot
-and batch zero-shot, and NexViTAD's memory bank, on the same few-shot images (per class
+and batch zero-shot, INP-Former few-shot, and NexViTAD's memory bank, on the same few-shot images (per class
 `sorted(train/good)[seed*N:(seed+1)*N]`), the same devices and the same evaluators; the
 paper-style table (image AUROC / AP, pixel AUROC / AUPRO, mean ± std over seeds) and each method's
 throughput (test images per second of scoring).
 
     python -m experiments.peers --config tiny --out runs/peers
+    python -m experiments.peers --data PATH/TO/mvtec --methods patchead,patchead_plus,inp_former \
+        --shots 1,2,4 --seeds 3 --out runs/peers-demo
     python -m experiments.peers --config paper --data PATH/TO/mvtec --dino checkpoints/dinov2-base-reg \\
         --resolution 448 --methods patchead,patchead_plus,patchead_zero,nexvitad_bank --shots 1,2,4 \\
         --seeds 3 --out runs/peers-mvtec --shard 0/2                 # host 1: --shard 1/2
 
 One run per (method, shots, seed) (zero-shot methods: shots 0), its result in
 OUT/runs/NAME/result.json, written atomically and skipped when present (resume); per class within a
-run, OUT/runs/NAME/work/classes/CLASS.json. Writes OUT/peers.json, OUT/peers.md and OUT/peers.png.
+run, OUT/runs/NAME/work/classes/CLASS.json (INP-Former's training checkpoints: work/train/CLASS). Writes OUT/peers.json, OUT/peers.md and OUT/peers.png.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ TABLE = (("image_auroc", "image AUROC"), ("image_ap", "image AP"), ("pixel_auroc
 DEFAULT_METHODS = ("patchead", "patchead_plus", "patchead_zero", "nexvitad_bank")
 
 
-def evaluate_class(scorer, dataset, category: str, shots: int, seed: int) -> dict[str, Any]:
-    """One class: the method's maps on its test split, every metric, and the scoring time."""
+def evaluate_class(scorer, dataset, category: str, shots: int, seed: int, workdir: Path) -> dict[str, Any]:
+    """One class: the method's maps on its test split, every metric, the scoring time and the time
+    with the fit (prompt features, memory bank or training)."""
     from nexvitad_jax.data import few_shot_images
     from nexvitad_jax.errors import UserInputError
     from nexvitad_jax.metrics import evaluate_maps, image_ap
@@ -45,8 +48,8 @@ def evaluate_class(scorer, dataset, category: str, shots: int, seed: int) -> dic
     test = dataset.load(category, "test")
     prompts = few_shot_images(dataset, category, shots, seed).astype(np.float32) / 255.0 if shots else None
     began = time.perf_counter()
-    maps, scores = scorer(prompts, test.images.astype(np.float32) / 255.0, seed)
-    seconds = time.perf_counter() - began
+    maps, scores, seconds = scorer(prompts, test.images.astype(np.float32) / 255.0, seed, workdir)
+    total = time.perf_counter() - began
     metrics = evaluate_maps(np.asarray(maps), test.masks, np.asarray(scores), test.labels, mask_known=test.mask_known,
                             reason=test.unmasked_reason())
     try:
@@ -54,11 +57,12 @@ def evaluate_class(scorer, dataset, category: str, shots: int, seed: int) -> dic
     except UserInputError as error:
         metrics["image_ap"] = None
         metrics.setdefault("undefined", {})["image_ap"] = str(error)
-    return {"metrics": metrics, "images": len(test), "seconds": seconds}
+    return {"metrics": metrics, "images": len(test), "seconds": seconds, "seconds_with_fit": total}
 
 
 def execute(workdir: Path, progress: bool, *, config, data: str, method: str, shots: int, seed: int,
-            classes: Sequence[str] | None, dino: str | None, resolution: int | None) -> dict[str, Any]:
+            classes: Sequence[str] | None, dino: str | None, resolution: int | None,
+            inp_steps: int = 200) -> dict[str, Any]:
     from nexvitad_jax.data import open_dataset
     from nexvitad_jax.io import atomic_write
     from nexvitad_jax.metrics import mean_metrics
@@ -66,12 +70,13 @@ def execute(workdir: Path, progress: bool, *, config, data: str, method: str, sh
 
     dataset = open_dataset(data, image_size=int(config.data.image_size))
     chosen = list(classes) if classes else sorted(dataset.classes)
-    scorer = method_named(method).build(config, dino=dino, resolution=resolution)
+    scorer = method_named(method).build(config, dino=dino, resolution=resolution, inp_steps=inp_steps)
     per_class = {}
     for category in chosen:  # per-class results resume within a run
         path = workdir / "classes" / f"{category}.json"
         if not path.is_file():
-            atomic_write(path, json.dumps(evaluate_class(scorer, dataset, category, shots, seed), indent=1) + "\n")
+            result = evaluate_class(scorer, dataset, category, shots, seed, workdir / "train" / category)
+            atomic_write(path, json.dumps(result, indent=1) + "\n")
         per_class[category] = json.loads(path.read_text())
     return {"classes": chosen, "per_class": per_class, "mean": mean_metrics([per_class[c]["metrics"] for c in chosen]),
             "throughput": throughput([per_class[c] for c in chosen])}
@@ -107,9 +112,11 @@ def build_runs(args: argparse.Namespace) -> list[Run]:
                 config = with_changes(base, {"seed": seed})
                 params = {"data": str(args.data), "method": method.name, "shots": n, "seed": seed,
                           "classes": classes, "dino": args.dino, "resolution": args.resolution}
+                if method.name.startswith("inp_former"):
+                    params["inp_steps"] = args.inp_steps
                 execute_run = functools.partial(execute, config=config, data=args.data, method=method.name,
                                                 shots=n, seed=seed, classes=classes, dino=args.dino,
-                                                resolution=args.resolution)
+                                                resolution=args.resolution, inp_steps=args.inp_steps)
                 runs.append(Run(f"{method.name}_{n}shot_seed{seed}", params, config, execute_run))
     return runs
 
@@ -142,7 +149,8 @@ def aggregate(records: list[dict]) -> tuple[dict, str]:
     metrics = [name for name, _ in TABLE] + ["images_per_s", "images_per_s_warm"]
     groups = protocol.summarize(rows_of(records), BY, metrics)
     note = ("Per (method, shots): the mean over classes of each run, then mean ± std over seeds (%); images/s: "
-            "test images per second of scoring on this run's devices, after the first class (which compiles).\n\n")
+            "test images per second of scoring (the fit or training excluded) on this run's devices, after the "
+            "first class (which compiles).\n\n")
     return {"by": list(BY), "groups": groups}, random_backbone_note(records) + note + table_markdown(groups)
 
 
@@ -192,6 +200,8 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", default=None, help="comma-separated classes (default: every class of --data)")
     parser.add_argument("--dino", default=None, metavar="DIR",
                         help="a converted DINOv2 for the PatchEAD methods (default: random from config.model.dinov2)")
+    parser.add_argument("--inp-steps", type=int, default=200,
+                        help="INP-Former training steps per class (default 200)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="the DINOv2 input size, a multiple of 14 (default: data.image_size rounded down; "
                              "the PatchEAD paper uses 448)")

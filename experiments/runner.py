@@ -174,6 +174,7 @@ def run_experiment(experiment: Experiment, out: str | Path, *, shard: tuple[int,
     failed = []
     if not aggregate_only:
         mine = named_runs(experiment.runs, only) if only else shard_runs(experiment.runs, *shard)
+        check_configs(experiment.name, mine)  # every run's config, before any run starts
         log(f"{experiment.name}: {'runs ' + ','.join(only) if only else f'shard {shard[0]}/{shard[1]}'}: "
             f"{len(mine)} of {len(experiment.runs)} runs; outputs in {out}")
         pending = []
@@ -192,6 +193,19 @@ def run_experiment(experiment: Experiment, out: str | Path, *, shard: tuple[int,
     if failed:
         raise RunsFailed(f"{len(failed)} run(s) failed: " + "; ".join(failed))
     return aggregate
+
+
+def check_configs(name: str, runs: Sequence[Run]) -> None:
+    """One UserInputError listing the problems of every run's project config (each distinct one
+    once); runs whose config is not a project config (a plain dict, say) are not checked here."""
+    from ml_collections import ConfigDict
+
+    from nexvitad_jax.config import config_problems, problems_error
+
+    problems = list(dict.fromkeys(problem for run in runs if isinstance(run.config, ConfigDict)
+                                  for problem in config_problems(run.config)))
+    if problems:
+        raise problems_error(problems, f"experiment {name}: config")
 
 
 def write_aggregate(experiment: Experiment, out: Path) -> dict[str, Any]:

@@ -166,8 +166,14 @@ atexit.register(release_all)  # a process that ends normally leaves no note behi
 
 @contextlib.contextmanager
 def workdir_lock(directory: str | Path, notice: Callable[[str], None] | None = None,
-                 what: str = "workdir") -> Iterator[WorkdirLock]:
-    """Hold `directory`'s lock for the block (a lock this process holds already stays held after it)."""
+                 what: str = "workdir") -> Iterator[WorkdirLock | None]:
+    """Hold `directory`'s lock for the block (a lock this process holds already stays held after it).
+    On several hosts only process 0 locks (the block gets None elsewhere)."""
+    from nexvitad_jax.io import writes_outputs
+
+    if not writes_outputs():
+        yield None
+        return
     key = Path(directory).resolve()
     mine = key not in _HELD or not _HELD[key].held
     lock = hold_workdir(directory, notice, what)

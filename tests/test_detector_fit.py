@@ -146,6 +146,7 @@ def converted_detector(fitted, converted_backbones, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a torch conversion and a fit over the converted backbones: ~50 s on 2 cores
 def test_converted_backbones_are_copied_into_the_detector(converted_detector, converted_backbones, tmp_path):
     description = json.loads((converted_detector / "detector.json").read_text())["extractor"]
     assert (description["hiera"]["directory"], description["dinov2"]["directory"]) == ("weights/hiera",
@@ -171,6 +172,7 @@ def test_converted_backbones_are_copied_into_the_detector(converted_detector, co
 # ----------------------------------------------------------------------------- from a main-job workdir
 
 
+@pytest.mark.slow  # a whole tiny main job first: ~3 min on 2 cores
 def test_fit_from_a_run_rebuilds_the_class_bank(tmp_path):
     """`fit --run`: the trained encoder and the target class's bank as the run built them: the saved
     detector's maps of the class's test images equal the run's own (maps/CLASS.memory_bank.npz)."""

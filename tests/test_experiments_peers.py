@@ -53,7 +53,7 @@ def test_shared_sample_metrics_equal_the_evaluators(tmp_path, mvtec_reduced):
     dataset = open_dataset(str(mvtec_reduced), image_size=int(config.data.image_size))
     test = dataset.load("hazelnut", "test")
     prompts = few_shot_images(dataset, "hazelnut", 1, 0).astype(np.float32) / 255.0
-    maps, scores = method_named("patchead").build(config)(prompts, test.images.astype(np.float32) / 255.0, 0)
+    maps, scores, _ = method_named("patchead").build(config)(prompts, test.images.astype(np.float32) / 255.0, 0)
     expected = evaluate_maps(maps, test.masks, scores, test.labels)
     saved = json.loads((out / "runs" / "patchead_1shot_seed0" / "result.json").read_text())["result"]
     metrics = saved["per_class"]["hazelnut"]["metrics"]
@@ -69,7 +69,7 @@ def test_nexvitad_bank_and_every_method_on_the_shared_sample(tmp_path, mvtec_red
 
     out = tmp_path / "peers"
     argv = [*TINY, "--out", str(out), "--data", str(mvtec_reduced), "--methods", ",".join(METHODS),
-            "--shots", "1,2", "--seeds", "2"]
+            "--shots", "1,2", "--seeds", "2", "--inp-steps", "3"]
     assert main(peers.build, argv, peers.__doc__, peers.arguments) == 0
     summary = json.loads((out / "peers.json").read_text())
     assert not summary["missing"]

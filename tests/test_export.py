@@ -52,9 +52,11 @@ def assert_equal_to_detector(run, detector, image_sets) -> None:
         assert relative_error(scores, reference_scores) <= TOLERANCE
 
 
-@pytest.mark.parametrize("which", ["random", "converted"])
-def test_stablehlo_export_equals_the_detector(which, fitted, converted_detector, mvtec_reduced, tmp_path):
-    folder = fitted / "detector" if which == "random" else converted_detector
+@pytest.mark.parametrize("which", ["random", pytest.param("converted", marks=pytest.mark.slow)])
+def test_stablehlo_export_equals_the_detector(which, request, mvtec_reduced, tmp_path):
+    # Only the parameter's detector is made (the converted one costs a torch conversion and a fit).
+    folder = request.getfixturevalue("fitted") / "detector" if which == "random" else (
+        request.getfixturevalue("converted_detector"))
     out = tmp_path / "detector.nxd"
     assert export([str(folder), "--format", "stablehlo", "--out", str(out)]) == 0
     detector, deployed = AnomalyDetector.load(folder), deploy.load(out)
@@ -89,6 +91,7 @@ def test_deploy_load_errors(tmp_path):
         deploy.load(tmp_path / "bad.nxd")
 
 
+@pytest.mark.slow  # jax2onnx traces the whole model before it meets the resize: ~20 s
 def test_onnx_names_what_it_cannot_convert(fitted, tmp_path):
     """The backbone extractor resizes with antialias=True, which jax2onnx 0.17 does not convert."""
     pytest.importorskip("jax2onnx")
@@ -115,6 +118,7 @@ def encoder_detector(tmp_path_factory):
     return folder, detector
 
 
+@pytest.mark.slow  # the encoder's compilations, two exports and onnxruntime: ~90 s on 2 cores
 def test_encoder_detector_round_trip_and_exports(encoder_detector, mvtec_reduced, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     folder, original = encoder_detector

@@ -58,7 +58,8 @@ def test_score_command_on_generated_pngs(tmp_path):
     assert overlay.mode == "RGB" and overlay.size[0] > 64
     # The saved detector scores the same images to the same results.
     again = tmp_path / "again"
-    assert main(["--detector", str(tmp_path / "detector"), "--images", str(tmp_path / "test"), "--out", str(again)]) == 0
+    assert main(["--detector", str(tmp_path / "detector"), "--images", str(tmp_path / "test"),
+                 "--out", str(again)]) == 0
     for record, other in zip(summary["predictions"], read_predictions(again)[1]["predictions"]):
         assert other["image"] == record["image"] and other["decision"] == record["decision"]
         assert other["score"] == pytest.approx(record["score"], rel=1e-5)

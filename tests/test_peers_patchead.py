@@ -255,6 +255,7 @@ def _run_sharded(variant: str):
     assert done.returncode == 0 and "same" in done.stdout, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sharded_over_3_devices_equals_one_device():
     _run_sharded("plain")
 

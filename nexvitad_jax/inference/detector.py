@@ -72,7 +72,9 @@ class AnomalyDetector:
     def fit(self, normal_images, progress=None) -> AnomalyDetector:
         """Memory bank from the M normal images: K Sinkhorn K-means prototypes per layer."""
         features = self.extract(self._check_images(normal_images, "normal_images"), progress)
-        self.memory_bank = build_memory_bank(features, self.k, rng=jax.random.key(self.seed), **self.kmeans_options)
+        shown = None if progress is None else not getattr(progress, "disable", not progress)  # a bar, or a bool
+        self.memory_bank = build_memory_bank(features, self.k, rng=jax.random.key(self.seed), progress=shown,
+                                             **self.kmeans_options)
         return self
 
     def predict(self, images, progress=None) -> tuple[np.ndarray, np.ndarray]:

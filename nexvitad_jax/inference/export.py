@@ -12,11 +12,11 @@ memory bank's prototypes, upsampling, averaging, the Gaussian blur and the maxim
   --platforms (default cpu and cuda); the weights travel beside the program in the same file as
   arguments, not as constants baked into it. `nexvitad_jax.deploy.load(FILE)` runs it with jax alone.
 - onnx: through the `jax2onnx` package (the `export` extra), input `images`, outputs `maps` and
-  `scores`, the weights as initializers. jax2onnx 0.17 converts the shapes of `jax.image.resize`
-  only when they are static and has no batching rule for it, so the ONNX model has a fixed batch
-  (--batch-size, default 1); and it does not convert `jax.image.resize` with antialias=True (which the backbone extractor's input
-  resize and DINOv2 grid resize use): detectors over those fail to convert with an error that names
-  the operation.
+  `scores`, the weights as initializers. jax2onnx 0.17 converts `jax.image.resize` only with
+  static shapes and has no batching rule for it, so the ONNX model has a fixed batch (--batch-size,
+  default 1); and it does not convert `jax.image.resize` with antialias=True, which the backbone
+  extractor's input resize and DINOv2 grid resize use: detectors over those fail to convert with an
+  error that names the operation (the trained-encoder extractor converts).
 """
 
 from __future__ import annotations

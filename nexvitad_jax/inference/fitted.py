@@ -192,7 +192,8 @@ def load_encoder_extractor(directory: Path, description: dict[str, Any], mesh=No
     with np.load(directory / "adapters.npz") as saved:
         expected = _by_path(state)
         if sorted(saved.files) != sorted(expected) or any(saved[k].shape != expected[k].shape for k in expected):
-            raise UserInputError(f"{directory / 'adapters.npz'}: does not fit the encoder (saved {sorted(saved.files)})")
+            raise UserInputError(f"{directory / 'adapters.npz'}: does not fit the encoder "
+                                 f"(saved {sorted(saved.files)})")
         for path, leaf in state.flat_state():
             leaf.set_value(saved["/".join(str(name) for name in path)])
     nnx.update(heads, state)

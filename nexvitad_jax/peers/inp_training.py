@@ -25,6 +25,13 @@ from nexvitad_jax.peers import inp_former as inp
 from nexvitad_jax.peers.encoder import DinoPatchEncoder
 
 
+@functools.lru_cache(maxsize=None)
+def adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW; one object per setting, so optimizers of equal settings have
+    equal graphs and share the compiled train step."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(learning_rate, weight_decay=weight_decay))
+
+
 class INPFormerDetector:
     """fit(normal images, workdir) trains (resuming from workdir's checkpoints); predict(images) ->
     (maps (B, H, W), image scores (B,): the mean of the top 1% of each map)."""
@@ -42,9 +49,7 @@ class INPFormerDetector:
         self.encoder, self.options, self.mesh, self.seed = encoder, options, encoder.mesh, int(seed)
         heads = options.heads or config.num_attention_heads
         self.model = inp.INPFormer(config.hidden_size, heads, options, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-        self.optimizer = nnx.Optimizer(self.model, optax.chain(
-            optax.clip_by_global_norm(1.0), optax.adamw(options.learning_rate, weight_decay=options.weight_decay)),
-            wrt=nnx.Param)
+        self.optimizer = nnx.Optimizer(self.model, adamw(options.learning_rate, options.weight_decay), wrt=nnx.Param)
         self.losses: list[float] = []
 
     def _statics(self) -> tuple:
