@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from nexvitad_jax import signals
+from nexvitad_jax.cli import describe_os_error, signal_name
 from nexvitad_jax.config import config_dict
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.identity import describe_differences, identity_key
@@ -427,6 +429,7 @@ def main(build: Callable[[argparse.Namespace], Experiment], argv: Sequence[str] 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    handlers = signals.install()  # SIGINT/SIGTERM: one line, exit 130/143, the runs resume
     try:
         shard = parse_shard(args.shard)
         only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only is not None else None
@@ -440,6 +443,17 @@ def main(build: Callable[[argparse.Namespace], Experiment], argv: Sequence[str] 
     except RunsFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # a full disk, a read-only folder: one line naming the path
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:
+        signals.ignore_further()
+        print(f"interrupted ({signal_name(error)}); run the same command again to resume", file=sys.stderr)
+        if argv is None:  # the script itself: out at once (no interpreter teardown under JAX's threads)
+            signals.exit_now(signals.exit_status(error))
+        return signals.exit_status(error)
+    finally:
+        signals.restore(handlers)
     if aggregate is None:
         return 0
     print(Path(args.out, f"{experiment.name}.md").read_text())

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.io import atomic_file
 
 # Column order and headers of the tables (the paper's three, then the standard ones).
 COLUMNS = (("pixel_auroc", "pixel AUROC"), ("pixel_ap", "AP"), ("pro_iou", "PRO-IoU"), ("aupro", "AUPRO@0.3"),
@@ -292,8 +293,8 @@ def heatmap_grid(path: str | Path, category: str, test, maps: Mapping[str, np.nd
     for n, text in enumerate(caption):
         draw.text((PAD, caption_top + n * (FONT_SIZE + 4)), text, fill=TEXT_COLOUR, font=font)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    with atomic_file(path, ".png") as tmp:  # a failed save leaves no partial PNG under its name
+        canvas.save(tmp, format="PNG")
     return HeatmapGrid(path, rows, columns, origin, pitch, (height, width), scales)
 
 

@@ -288,11 +288,22 @@ def run(spec: RunSpec, workdir: str | Path, *, progress: bool = True, log=print,
     The config and the data are checked first, before anything is written. A run that finished
     earlier in `workdir` is left as it is (its metrics.json is returned, as `EarlierResults`);
     `rescore`: its inference is done again from the trained checkpoints."""
+    from nexvitad_jax.lock import workdir_lock
+
+    workdir, began = Path(workdir), time.perf_counter()
+    plan = plan_run(spec)
+    # The workdir's lock before its run.json is read: one run at a time, a dead holder's lock taken over.
+    with workdir_lock(workdir, notice=lambda message: log(f"nexvitad run: {message}")):
+        return _run_locked(spec, plan, workdir, began, progress=progress, log=log, rescore=rescore)
+
+
+def _run_locked(spec: RunSpec, plan, workdir: Path, began: float, *, progress: bool, log,
+                rescore: bool) -> dict[str, Any]:
+    """`run` with the workdir's lock held."""
     from nexvitad_jax.sharding import make_mesh
     from nexvitad_jax.train import train
 
-    workdir, began, timings = Path(workdir), time.perf_counter(), {}
-    plan = plan_run(spec)
+    timings = {}
     config, seed, dataset, source, target = plan.config, plan.seed, plan.dataset, plan.source, plan.target
     earlier = finished_results(workdir, plan.key)
     if earlier is not None and not rescore:

@@ -26,6 +26,7 @@ import numpy as np
 
 from nexvitad_jax.data import few_shot_images
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.io import naming
 from nexvitad_jax.models.build import build_model
 from nexvitad_jax.models.nexvitad import NexViTAD
 from nexvitad_jax.train.batches import TrainBatches, steps_per_epoch
@@ -188,7 +189,7 @@ class _StepLog:
 
     def __init__(self, path: Path, total_steps: int, start: int, progress: bool, images_in: Callable[[int], int]):
         """`images_in(phase)`: the images a step of `phase` trains on (for the throughput)."""
-        self.images_in = images_in
+        self.images_in, self.path = images_in, path
         self.last = time.perf_counter()
         first = jax.process_index() == 0
         self.file = open(path, "a") if first else None
@@ -204,8 +205,11 @@ class _StepLog:
         seconds, self.last = now - self.last, now
         record = record | {"images_per_s": self.images_in(record["phase"]) / seconds}
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as error:  # a full disk, say: one line naming the file
+                raise naming(error, self.path) from None
         if self.bar:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
             self.bar.update(1)
