@@ -1,5 +1,5 @@
 """NexViTAD multi-task decoder heads (paper section 3.1.2), stacked so heads of one shape run as
-one computation over a leading head axis.
+one vmapped computation.
 
 - `SegmentationHead`: U-Net over F_4..F_1 (eq. 4): 2x2 stride-2 transposed conv (to the block's
   width, or keeping the coarse width: `UPCONV`), concat skip, ConvBlock (3x3 conv, BatchNorm,
@@ -9,15 +9,12 @@ one computation over a leading head axis.
   bilinearly to H x W.
 - `StackedHeads`: n heads of one kind with a leading head axis on every variable.
 
-Formulations chosen for speed forward and backward on XLA:CPU and GPU alike (profile and figures:
-benchmarks/train_step.py, benchmarks/results/train_step_representative.json):
-- the 2x2 stride-2 transposed convolution is one matmul and a depth-to-space reshape
-  (`UpConv2x2`), exactly what the convolution computes; XLA lowers `lax.conv_transpose` to a
-  convolution with lhs dilation, whose gradients XLA:CPU runs on a slow generic path;
-- the stacked heads run one after another (a fully unrolled `lax.scan`), so each convolution is an
-  ordinary one: vmapped heads make grouped convolutions (and, in the gradient, batch-grouped
-  ones), which XLA:CPU runs several times slower than the same convolutions one by one, and which
-  XLA's partitioners do not split along the batch.
+The 2x2 stride-2 transposed convolution is one matmul and a depth-to-space reshape (`UpConv2x2`),
+exactly what the convolution computes, fast forward and backward on CPU and GPU alike: XLA lowers
+`lax.conv_transpose` to a convolution with lhs dilation, whose gradients XLA:CPU runs on a slow
+generic path, not its matmul/convolution kernels. The vmapped heads' 3x3 convolutions become
+grouped convolutions, which XLA:CPU also runs several times slower than the same convolutions one
+head at a time; that is what remains of the heads' backward pass there.
 """
 
 from __future__ import annotations
@@ -132,8 +129,8 @@ class PseudoLabelHead(nnx.Module):
 
 
 class StackedHeads(nnx.Module):
-    """`count` heads made by `make(rngs)`, every variable with a leading head axis; calls run each
-    head on its slice (inputs either per head, axis 0, or shared by all heads)."""
+    """`count` heads made by `make(rngs)`, every variable with a leading head axis; calls vmap the
+    head over it (inputs either per head, axis 0, or shared by all heads)."""
 
     def __init__(self, count: int, make: Callable[[nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
         self.count = count
@@ -147,20 +144,17 @@ class StackedHeads(nnx.Module):
 
     def __call__(self, inputs, *args, per_head_inputs: bool = True, mask: jax.Array | None = None, **kwargs):
         """Inputs: a pytree whose leaves have a leading head axis (per_head_inputs) or are shared.
-        `mask` (given to heads that take one): per example, laid out like the inputs' leading axes.
-        The heads run one after another (see the module docstring); outputs are stacked."""
-        # Over the split state with raw jax transforms (not nnx's), so the heads also run inside raw
+        `mask` (given to heads that take one): per example, laid out like the inputs' leading axes."""
+        # A raw jax.vmap over the split state (not nnx.vmap), so the heads also run inside raw
         # transforms (jax.value_and_grad over a merged state) whatever the variables' trace levels.
         graphdef, state = nnx.split(self.heads)
 
-        def apply(carry, per_head):
-            head_state, head_inputs, head_mask = per_head if per_head_inputs else (per_head[0], inputs, mask)
+        def apply(head_state, head_inputs, head_mask):
             head = nnx.merge(graphdef, head_state)
             output = head(head_inputs, *args, **kwargs, **({} if head_mask is None else {"mask": head_mask}))
-            return carry, (output, nnx.state(head))
+            return output, nnx.state(head)
 
-        # Unrolled: a rolled loop's gradient runs its convolutions on XLA:CPU's slow path.
-        per_head = (state, inputs, mask) if per_head_inputs else (state, None, None)
-        _, (outputs, new_state) = jax.lax.scan(apply, None, per_head, unroll=True)
+        input_axis = 0 if per_head_inputs else None
+        outputs, new_state = jax.vmap(apply, in_axes=(0, input_axis, input_axis))(state, inputs, mask)
         nnx.update(self.heads, new_state)
         return outputs

@@ -241,8 +241,9 @@ class TrainStep:
     def _per_class(self, features: tuple[jax.Array, ...], rows: np.ndarray) -> tuple[jax.Array, ...]:
         """The heads' inputs: flat features -> (classes, padded rows, ...) at `rows`, spread along
         the second axis."""
-        # The stacked heads run one after another (models/decoder.py), each on ordinary
-        # convolutions, which XLA's partitioners split along this batch axis.
+        # XLA's partitioners do not split the grouped convolutions the vmapped heads become along
+        # the batch: they gather the inputs and run the heads whole on every device (the backbones
+        # stay spread). Heads scanned instead of vmapped (jax.lax.map) would stay spread.
         return tuple(jax.lax.with_sharding_constraint(f[rows], batch_sharding(self.mesh)) for f in features)
 
     def _losses(self, trainable, batch_stats, frozen, backbone_features, batch, transforms, phase: int):
