@@ -17,8 +17,10 @@ reconstruct the encoder's layer groups; the anomaly map is the reconstruction er
 - Anomaly map: per patch the mean over groups of (1 - cos(f_Q, f_D)), upsampled bilinearly and
   smoothed with the project's Gaussian; image score: the mean of the top 1% of the map.
 
-Not here (INP-Former++ options): the residual segmentation head with pseudo anomalies (eqs. 7-8),
-and eq. 9's added L2 term.
+INP-Former++'s options (`nexvitad_jax.peers.residual`): `residual_head` trains a segmentation head
+on the feature residuals of pseudo anomalies (eqs. 7-8; the residuals stop-gradiented, the head
+with its own optimizer, so the reconstruction model never sees pseudo anomalies) and averages its
+mask into the map (eq. 9); `map_l2` adds eq. 9's L2 term to the reconstruction error map.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ class INPFormerOptions:
     """prototypes: M; decoder_layers: 8; heads: attention heads (0: the encoder's); coherence:
     "hard" (eq. 2) or "soft" (eq. 3); gamma, coherence_weight: eqs. 5-6; dropout: the bottleneck's;
     steps, batch_size, learning_rate, weight_decay: few-shot training (AdamW, global-norm clip 1);
-    checkpoint_every: steps between resumable checkpoints; sigma: map smoothing."""
+    checkpoint_every: steps between resumable checkpoints; sigma: map smoothing; residual_head:
+    INP-Former++'s segmentation head on pseudo-anomaly residuals (eqs. 7-9); map_l2: eq. 9's
+    A_rec = mean_g (1 - cos + ||f_Q - f_D||) / 2 instead of mean_g (1 - cos)."""
 
     prototypes: int = 6
     decoder_layers: int = 8
@@ -53,6 +57,8 @@ class INPFormerOptions:
     weight_decay: float = 1e-4
     checkpoint_every: int = 50
     sigma: float = 4.0
+    residual_head: bool = False
+    map_l2: bool = False
 
 
 def encoder_layer_groups(num_layers: int) -> tuple[tuple[int, ...], ...]:

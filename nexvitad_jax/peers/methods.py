@@ -9,7 +9,8 @@ images (`nexvitad_jax.data.few_shot_images`), devices and evaluators.
 - patchead_zero, patchead_plus_zero: batch zero-shot (batches of 64, K_P = max(1, 0.3 N));
 - inp_former: INP-Former few-shot, trained per class on the prompts (`inp_steps` steps, resumable
   from the class's workdir), hard INP coherence (eq. 2); inp_former_soft: with INP-Former++'s soft
-  coherence (eq. 3);
+  coherence (eq. 3); inp_former_plus: INP-Former++ (soft coherence, the residual segmentation head
+  trained on pseudo anomalies, eq. 9's map with its L2 term);
 - nexvitad_bank: NexViTAD's memory bank (Sinkhorn K-means prototypes of Hiera + DINOv2 features,
   `AnomalyDetector` over a `BackboneFeatureExtractor`) on the same few-shot images.
 
@@ -107,7 +108,7 @@ def _nexvitad_bank(config, *, mesh=None, **_) -> Scorer:
     return score
 
 
-def _inp_former(coherence: str) -> Callable[..., Scorer]:
+def _inp_former(coherence: str, plus: bool = False) -> Callable[..., Scorer]:
     def build(config, *, dino: str | None = None, resolution: int | None = None, mesh=None,
               inp_steps: int = 200) -> Scorer:
         from nexvitad_jax.peers.inp_former import INPFormerOptions
@@ -115,7 +116,7 @@ def _inp_former(coherence: str) -> Callable[..., Scorer]:
 
         encoder = peer_encoder(config, dino=dino, resolution=resolution, mesh=mesh)
         options = INPFormerOptions(coherence=coherence, steps=int(inp_steps), sigma=float(config.bank.sigma),
-                                   batch_size=int(config.eval.batch_size))
+                                   batch_size=int(config.eval.batch_size), residual_head=plus, map_l2=plus)
 
         def score(prompts, images, seed, workdir=None):
             detector = INPFormerDetector(encoder, options, seed=seed).fit(prompts, workdir)
@@ -133,6 +134,7 @@ METHODS: dict[str, PeerMethod] = {method.name: method for method in (
     PeerMethod("patchead_plus_zero", "PatchEAD+ (batch 0-shot)", False, _patchead(True, False)),
     PeerMethod("inp_former", "INP-Former", True, _inp_former("hard")),
     PeerMethod("inp_former_soft", "INP-Former (soft coherence)", True, _inp_former("soft")),
+    PeerMethod("inp_former_plus", "INP-Former++", True, _inp_former("soft", plus=True)),
     PeerMethod("nexvitad_bank", "NexViTAD memory bank", True, _nexvitad_bank),
 )}
 
