@@ -20,6 +20,7 @@ import pytest
 
 from nexvitad_jax import signals
 from nexvitad_jax.train.checkpoints import Checkpoints
+from tests.test_faults import largest_difference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -133,19 +134,6 @@ def _environment(cache: Path) -> dict[str, str]:
 
 def per_class(workdir: Path) -> dict:
     return json.loads((workdir / "metrics.json").read_text())["per_class"]
-
-
-def largest_difference(got, expected) -> float:
-    """The largest absolute difference between two results' numbers (inf where their keys differ).
-    Runs of one config equal each other to ~1e-6, not always bitwise: a process that resumed a run
-    can take another compiled path for the same inference (benchmarks/faults.py measures it)."""
-    if isinstance(expected, dict):
-        if not isinstance(got, dict) or set(got) != set(expected):
-            return float("inf")
-        return max([largest_difference(got[key], value) for key, value in expected.items()], default=0.0)
-    if isinstance(expected, (int, float)) and isinstance(got, (int, float)):
-        return abs(float(got) - float(expected))
-    return 0.0 if got == expected else float("inf")
 
 
 @pytest.mark.slow

@@ -31,6 +31,17 @@ from nexvitad_jax.sharding import make_mesh
 DETECTOR_FORMAT_VERSION = 2  # 2: manifest, calibration, weights inside the folder
 
 
+def check_float_images(images, name: str) -> np.ndarray:
+    """`images` as a float32 (B, H, W, 3) batch in [0, 1], or a UserInputError naming `name`."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+        raise UserInputError(f"{name}: expected a non-empty (B, H, W, 3) batch of RGB images in [0, 1], "
+                             f"got shape {images.shape}")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise UserInputError(f"{name}: expected float images in [0, 1], got dtype {images.dtype}")
+    return images.astype(np.float32)
+
+
 class AnomalyDetector:
     """fit(normal images) builds the memory bank; predict(images) -> (maps (B, H, W), scores (B,)).
 
@@ -54,13 +65,7 @@ class AnomalyDetector:
         self.calibration: Calibration | None = None  # thresholds and normalization (calibration.py)
 
     def _check_images(self, images, name: str) -> np.ndarray:
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
-            raise UserInputError(f"{name}: expected a non-empty (B, H, W, 3) batch of RGB images in [0, 1], "
-                                 f"got shape {images.shape}")
-        if not np.issubdtype(images.dtype, np.floating):
-            raise UserInputError(f"{name}: expected float images in [0, 1], got dtype {images.dtype}")
-        return images.astype(np.float32)
+        return check_float_images(images, name)
 
     def extract(self, images, progress=None) -> list[jax.Array]:
         """Per-layer features (M, h, w, D) of `images`, computed in sharded batches (the last one

@@ -25,6 +25,7 @@ import numpy as np
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference.anomaly_maps import gaussian_blur, upsample_bilinear
 from nexvitad_jax.inference.batching import global_batch_size, map_batches, place_rows, replicate
+from nexvitad_jax.inference.detector import check_float_images
 from nexvitad_jax.peers import alignment, scoring
 from nexvitad_jax.peers.encoder import DinoPatchEncoder
 
@@ -57,16 +58,6 @@ class PatchEADOptions:
         return cls(mask=True, align=align, **fields)
 
 
-def _check_images(images, name: str) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
-        raise UserInputError(f"{name}: expected a non-empty (B, H, W, 3) batch of RGB images in [0, 1], "
-                             f"got shape {images.shape}")
-    if not np.issubdtype(images.dtype, np.floating):
-        raise UserInputError(f"{name}: expected float images in [0, 1], got dtype {images.dtype}")
-    return images.astype(np.float32)
-
-
 class PatchEAD:
     """Few-shot and batch zero-shot PatchEAD(+) over a `DinoPatchEncoder`."""
 
@@ -85,7 +76,7 @@ class PatchEAD:
     def fit(self, prompt_images) -> PatchEAD:
         """The N normal prompt images (N, H, W, 3) in [0, 1]: their tokens (and, for the
         alignment, the images) replicated on every device."""
-        images = _check_images(prompt_images, "prompt_images")
+        images = check_float_images(prompt_images, "prompt_images")
         tokens, _ = map_batches(self.encoder, images, self.options.batch_size, self.mesh)
         self.prompts = replicate({"tokens": tokens, "images": images}, self.mesh)
         return self
@@ -126,7 +117,7 @@ class PatchEAD:
         """Few-shot (maps (B, H, W), image scores (B,)) against the fitted prompts."""
         if self.prompts is None:
             raise UserInputError("PatchEAD has no prompts: call fit(prompt_images) first")
-        images = _check_images(images, "images")
+        images = check_float_images(images, "images")
         state, size = self.encoder.state, tuple(images.shape[1:3])
         return map_batches(lambda batch: self._few_shot(state, self.prompts, batch, size=size), images,
                            self.options.batch_size, self.mesh, progress=progress)
@@ -152,7 +143,7 @@ class PatchEAD:
         most `zero_shot_batch` images, of sizes that differ by at most one (so no batch is left with
         a lone image); each image scored against the other images of its batch. Batches are padded
         to one width with rows that are never references and whose outputs are dropped."""
-        images = _check_images(images, "images")
+        images = check_float_images(images, "images")
         if len(images) < 2:
             raise UserInputError(f"batch zero-shot needs at least 2 images (each is scored against the others), "
                                  f"got {len(images)}")
