@@ -62,7 +62,9 @@ def table1_results(workdir: Path) -> dict:
 
 
 def largest_difference(got, expected) -> float:
-    """The largest absolute difference between two results' numbers (inf where their shapes differ)."""
+    """The largest absolute difference between two results' numbers (inf where their shapes differ).
+    Runs of one config equal each other to ~1e-6, not always bitwise: a process that resumed a run
+    can take another compiled path for the same inference (this benchmark measures it)."""
     if isinstance(expected, dict):
         if not isinstance(got, dict) or set(got) != set(expected):
             return float("inf")

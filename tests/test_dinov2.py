@@ -49,13 +49,18 @@ def relative_error(flax_out: np.ndarray, torch_out: np.ndarray) -> float:
     return float(np.max(np.abs(flax_out - torch_out)) / np.max(np.abs(torch_out)))
 
 
-@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
-def tiny_pair(request):
-    torch_model = random_torch_model(TINY_CONFIGS[request.param])
+def converted_pair(kwargs: dict):
+    """(config, a random transformers Dinov2Model, our port of it through the converter)."""
+    torch_model = random_torch_model(kwargs)
     config = from_hf_config(torch_model.config.to_dict())
     state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     flax_model = instantiate_backbone("dinov2", config, dinov2_converter.convert(state, config, "hf"))
     return config, torch_model, flax_model
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_CONFIGS))
+def tiny_pair(request):
+    return converted_pair(TINY_CONFIGS[request.param])
 
 
 @pytest.mark.parametrize("size", [(224, 224), (518, 518), (224, 308), (230, 200)])

@@ -21,6 +21,7 @@ import pytest
 
 from nexvitad_jax import cli
 from nexvitad_jax.io import WriteFailed, atomic_savez, atomic_write
+from benchmarks.faults import largest_difference
 from nexvitad_jax.train.checkpoints import Checkpoints
 from tests.conftest import MVTEC_REDUCED
 
@@ -266,19 +267,6 @@ def _environment(data_cache: Path, xla_cache: Path) -> dict[str, str]:
 def _run(point: str, workdir: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", FAULT_DRIVER, point, str(workdir), str(MVTEC_REDUCED)], env=env,
                           capture_output=True, text=True, timeout=1800)
-
-
-def largest_difference(got, expected) -> float:
-    """The largest absolute difference between two results' numbers (inf where their keys differ).
-    Runs of one config equal each other to ~1e-6, not always bitwise: a process that resumed a run
-    can take another compiled path for the same inference (benchmarks/faults.py measures it)."""
-    if isinstance(expected, dict):
-        if not isinstance(got, dict) or set(got) != set(expected):
-            return float("inf")
-        return max([largest_difference(got[key], value) for key, value in expected.items()], default=0.0)
-    if isinstance(expected, (int, float)) and isinstance(got, (int, float)):
-        return abs(float(got) - float(expected))
-    return 0.0 if got == expected else float("inf")
 
 
 @pytest.mark.slow

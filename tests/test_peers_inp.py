@@ -28,15 +28,9 @@ def numpy_cos(a, b):
 
 def test_hidden_states_match_transformers():
     torch = pytest.importorskip("torch")
-    from converters import dinov2 as converter
-    from nexvitad_jax.models import instantiate_backbone
-    from nexvitad_jax.models.dinov2 import from_hf_config
-    from tests.test_dinov2 import TINY_CONFIGS, random_torch_model
+    from tests.test_dinov2 import TINY_CONFIGS, converted_pair
 
-    torch_model = random_torch_model(TINY_CONFIGS["registers-swiglu"])
-    config = from_hf_config(torch_model.config.to_dict())
-    state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-    flax_model = instantiate_backbone("dinov2", config, converter.convert(state, config, "hf"))
+    config, torch_model, flax_model = converted_pair(TINY_CONFIGS["registers-swiglu"])
     images = np.random.default_rng(0).standard_normal((2, 112, 98, 3)).astype(np.float32)
     with torch.no_grad():
         outputs = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2), output_hidden_states=True)

@@ -97,19 +97,13 @@ def test_batch_zero_shot_padding_is_never_a_reference():
 
 def test_cls_attention_matches_transformers():
     torch = pytest.importorskip("torch")
-    from converters import dinov2 as converter
-    from nexvitad_jax.models import instantiate_backbone
-    from nexvitad_jax.models.dinov2 import from_hf_config
-    from tests.test_dinov2 import TINY_CONFIGS, random_torch_model
+    from tests.test_dinov2 import TINY_CONFIGS, converted_pair
 
     for name in ("plain", "registers-swiglu"):
-        torch_model = random_torch_model(TINY_CONFIGS[name])
+        config, torch_model, flax_model = converted_pair(TINY_CONFIGS[name])
         for module in torch_model.modules():  # only the eager attention returns its weights
             if hasattr(module, "config"):
                 module.config._attn_implementation = "eager"
-        config = from_hf_config(torch_model.config.to_dict())
-        state = {k: v.numpy() for k, v in torch_model.state_dict().items()}
-        flax_model = instantiate_backbone("dinov2", config, converter.convert(state, config, "hf"))
         images = np.random.default_rng(0).standard_normal((2, 112, 140, 3)).astype(np.float32)
         with torch.no_grad():
             outputs = torch_model(torch.from_numpy(images).permute(0, 3, 1, 2), output_attentions=True)

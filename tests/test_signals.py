@@ -20,7 +20,7 @@ import pytest
 
 from nexvitad_jax import signals
 from nexvitad_jax.train.checkpoints import Checkpoints
-from tests.test_faults import largest_difference
+from benchmarks.faults import largest_difference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
