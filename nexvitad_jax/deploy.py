@@ -5,7 +5,8 @@
     maps, scores = detector(images)   # uint8 (B, H, W, 3) at detector.image_size
     anomalous = detector.decisions(scores)
 
-This module imports only jax, numpy and nexvitad_jax.errors (no flax, ott, orbax or the training code): the file holds
+This module imports only jax, numpy and nexvitad_jax.errors (no flax, ott, orbax or the training code;
+jax.export reads the program with the `flatbuffers` package, a dependency of this one): the file holds
 the serialized StableHLO program (`jax.export`, batch dimension symbolic, lowered for the platforms
 named at export), its weights and the detector's calibration. The program maps uint8 images
 (B, H, W, 3) to anomaly maps float32 (B, H, W) and image scores float32 (B,), exactly as the
