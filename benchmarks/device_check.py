@@ -527,7 +527,8 @@ def jax_train_row(config, split: tuple[int, int], rounds: int, peak: float) -> d
     images = split[0] * trainer.layout.per_source + 2 * split[1] * trainer.layout.per_target
     memory = compiled.memory_analysis()
     stats = jax.devices()[0].memory_stats() or {}
-    return {"images_per_step": images, "compile_s": compile_s, "step_s": seconds, "images_per_s": images / seconds,
+    return {"head_batching": str(config.model.head_batching), "images_per_step": images, "compile_s": compile_s,
+            "step_s": seconds, "images_per_s": images / seconds,
             "step_tflop": flops / 1e12, "mfu": flops / seconds / peak,
             "memory_analysis": {k: int(getattr(memory, k)) for k in dir(memory) if k.endswith("_in_bytes")},
             "device_peak_bytes_in_use": stats.get("peak_bytes_in_use"), "top_ops_ms": top_ops_ms(step, compiled)}

@@ -18,8 +18,9 @@ costs per image, and its host memory per image (also projected for the paper's b
 Representative sizes (`--representative`): Hiera-tiny and Hiera-base, each with DINOv2-S, at 224 px,
 the paper's decoder, 8 images a step (a 2/1 split, 2 images per class: 4 source, 2 clean and 2
 augmented target images): JAX vs torch eager vs torch.compile, images/s and achieved GFLOP/s, and
-where each step's time goes (backbones, heads forward, backward, optimizer), into
-benchmarks/results/train_step_representative.json. A step's FLOPs (`step_gflops`) are XLA's count
+where each step's time goes (backbones, heads forward, backward, optimizer); also the JAX step with
+the heads run the other way (`model.head_batching`: `jax_heads_vmapped` beside the default
+unrolled step), into benchmarks/results/train_step_representative.json. A step's FLOPs (`step_gflops`) are XLA's count
 of the step program with the backbones' share replaced by the model-dimension count of
 benchmarks/backbones.py (XLA counts a scanned layer once); the PyTorch reference computes the same
 model, so one count serves both.
@@ -489,9 +490,10 @@ def feature_cache_candidate(trainer, holder: dict, config, arrays: dict) -> tupl
 
 
 def jax_candidates(config, arrays: dict[str, np.ndarray], num_source: int, num_target: int, *,
-                   feature_cache: bool = True, profile: bool = False):
-    """The JAX steps to time (uncached; with `feature_cache` the cached step; the backbones alone,
-    and with `profile` the heads' forward and backward alone) and what the setup measured."""
+                   feature_cache: bool = True, profile: bool = False, compare_head_batching: bool = False):
+    """The JAX steps to time (uncached; with `feature_cache` the cached step; the backbones alone;
+    with `profile` the heads' forward and backward alone; with `compare_head_batching` the step with
+    the heads run the other way, `model.head_batching`) and what the setup measured."""
     trainer, holder = jax_trainer(config, num_source, num_target)
     placed = placed_batch(trainer, step_batch(trainer, arrays))
     candidates = {"jax": step_runner(trainer, holder, placed)}
@@ -503,6 +505,17 @@ def jax_candidates(config, arrays: dict[str, np.ndarray], num_source: int, num_t
     candidates["jax_backbone_forward_only"] = parts.pop("backbones")
     if profile:
         candidates |= {f"jax_{name}": run for name, run in parts.items()}
+    if compare_head_batching:  # the same step with the other way of running the heads
+        from nexvitad_jax.models.decoder import HEAD_BATCHING
+
+        other = next(b for b in HEAD_BATCHING if b != config.model.head_batching)
+        other_config = config.copy_and_resolve_references()
+        other_config.model.head_batching = other
+        other_trainer, other_holder = jax_trainer(other_config, num_source, num_target)
+        name = f"jax_heads_{other}"
+        candidates[name] = step_runner(other_trainer, other_holder, placed_batch(other_trainer, step_batch(
+            other_trainer, arrays)))
+        measured[f"{name}_compile_s"] = timed(candidates[name], 1)[0]
     return candidates, measured
 
 
@@ -617,7 +630,8 @@ def profile_split(median: dict[str, float]) -> dict:
     return split
 
 
-STEPS = ("jax", "jax_feature_cache", "torch_eager", "torch_compile")  # candidates that are whole steps
+# Candidates that are whole steps.
+STEPS = ("jax", "jax_feature_cache", "jax_heads_unrolled", "jax_heads_vmapped", "torch_eager", "torch_compile")
 
 
 def measure(config, name: str, *, rounds: int, torch_too: bool, compile_too: bool, feature_cache: bool,
@@ -629,8 +643,10 @@ def measure(config, name: str, *, rounds: int, torch_too: bool, compile_too: boo
 
     arrays = per_class_arrays(config, *SPLIT)
     images_per_step = SPLIT[0] * int(config.train.source_per_class) + 2 * SPLIT[1] * int(config.train.target_per_class)
-    candidates, measured = jax_candidates(config, arrays, *SPLIT, feature_cache=feature_cache, profile=profile)
-    compile_info = {"jax_compile_s": measured["jax_compile_s"]}
+    candidates, measured = jax_candidates(config, arrays, *SPLIT, feature_cache=feature_cache, profile=profile,
+                                          compare_head_batching=profile)
+    compile_info = {key: value for key, value in measured.items()
+                    if key == "jax_compile_s" or key.startswith("jax_heads_")}
     if torch_too:
         torch_steps, eager = torch_candidates(config, arrays, *SPLIT, profile=profile)
         candidates |= torch_steps
@@ -643,6 +659,7 @@ def measure(config, name: str, *, rounds: int, torch_too: bool, compile_too: boo
     median, cpu_median = time_side_by_side(candidates, rounds)
     gflops = step_gflops(config, *SPLIT)
     result = {"config": name, "image_size": int(config.data.image_size), "hiera": config.model.hiera.to_dict(),
+              "head_batching": str(config.model.head_batching),
               "dinov2": config.model.dinov2.to_dict(), "split": f"{SPLIT[0]}/{SPLIT[1]}",
               "images_per_step": images_per_step, "rounds": rounds, "device": str(jax.devices()[0]),
               "platform": platform.platform(), "cpu_cores": len(os.sched_getaffinity(0)),
@@ -651,7 +668,7 @@ def measure(config, name: str, *, rounds: int, torch_too: bool, compile_too: boo
               "step_gflops": gflops,
               "achieved_gflop_per_s": {c: gflops["total"] / median[c] for c in STEPS if c in median},
               "median_step_cpu_s": cpu_median}
-    for reference in ("torch_eager", "torch_compile"):
+    for reference in ("torch_eager", "torch_compile", "jax_heads_vmapped", "jax_heads_unrolled"):
         if reference in median:
             result[f"ratio_jax_over_{reference}"] = median[reference] / median["jax"]
             result[f"ratio_jax_over_{reference}_cpu_time"] = cpu_median[reference] / cpu_median["jax"]

@@ -219,7 +219,7 @@ def _range_pair(value):
 def _field_checks() -> dict[str, Any]:
     """Dotted field -> a check returning None or what the field expects. `model.hiera` and
     `model.dinov2` (backbone specs) and the checkpoints are checked by `_backbone_problems`."""
-    from nexvitad_jax.models.decoder import UPCONV
+    from nexvitad_jax.models.decoder import HEAD_BATCHING, UPCONV
     from nexvitad_jax.models.encoder import FEATURE_KINDS
     from nexvitad_jax.models.layers import DTYPES
 
@@ -230,6 +230,7 @@ def _field_checks() -> dict[str, Any]:
         "model.hiera_checkpoint": _string, "model.dinov2_checkpoint": _string,
         "model.shared_source_head": _boolean, "model.decoder_channels": _integers(1),
         "model.upconv": _one_of(UPCONV), "model.pseudo_label_hidden": _integers(1),
+        "model.head_batching": _one_of(HEAD_BATCHING),
         "train.source_per_class": _integer(1), "train.target_per_class": _integer(1),
         "train.epochs": _integer(0), "train.phase1_epochs": _integer(0), "train.steps_per_epoch": _integer(0),
         "train.learning_rate": _number(0, above=True), "train.warmup_steps": _integer(0),

@@ -1,7 +1,7 @@
 """The decoder's fast formulations equal the operations they replace: the 2x2 stride-2 transposed
 convolution as a matmul + depth-to-space (vs lax.conv_transpose, nnx.ConvTranspose and torch's
 ConvTranspose2d, forward and gradients), and the stacked heads run one after another (vs each head
-called on its own)."""
+called on its own), unrolled and vmapped."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from nexvitad_jax.models.decoder import (PseudoLabelHead, SegmentationHead, StackedHeads, UpConv2x2,
+from nexvitad_jax.models.decoder import (HEAD_BATCHING, PseudoLabelHead, SegmentationHead, StackedHeads, UpConv2x2,
                                          depth_to_space_2x2)
 
 
@@ -60,11 +60,13 @@ def _randomized(heads: StackedHeads, seed: int) -> StackedHeads:
     return heads
 
 
-def test_stacked_heads_equal_each_head_alone_with_gradients():
+@pytest.mark.parametrize("batching", HEAD_BATCHING)
+def test_stacked_heads_equal_each_head_alone_with_gradients(batching):
     """Training mode (BatchNorm batch statistics, a padding mask): outputs, updated statistics and
     parameter gradients of the stacked call equal those of each head called on its own slice."""
     dims, count = (4, 8), 2  # one up-convolution level (compile time: the test runs in CI)
-    heads = _randomized(StackedHeads(count, lambda r: SegmentationHead(dims, (4,), rngs=r), rngs=nnx.Rngs(0)), 0)
+    heads = _randomized(StackedHeads(count, lambda r: SegmentationHead(dims, (4,), rngs=r), batching=batching,
+                                     rngs=nnx.Rngs(0)), 0)
     rng = np.random.default_rng(1)
     features = tuple(jnp.asarray(rng.normal(size=(count, 3, 4 // 2 ** i, 4 // 2 ** i, d)), jnp.float32)
                      for i, d in enumerate(dims))
@@ -96,8 +98,10 @@ def test_stacked_heads_equal_each_head_alone_with_gradients():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_stacked_heads_with_shared_inputs():
-    heads = _randomized(StackedHeads(2, lambda r: PseudoLabelHead(6, (4,), rngs=r), rngs=nnx.Rngs(0)), 2)
+@pytest.mark.parametrize("batching", HEAD_BATCHING)
+def test_stacked_heads_with_shared_inputs(batching):
+    heads = _randomized(StackedHeads(2, lambda r: PseudoLabelHead(6, (4,), rngs=r), batching=batching,
+                                     rngs=nnx.Rngs(0)), 2)
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 3, 6)), jnp.float32)
     logits = heads(x, (5, 5), per_head_inputs=False)
     head_graphdef, state = nnx.split(heads.heads)

@@ -247,3 +247,21 @@ def test_unknown_upconv_is_a_user_error():
         build_model(config, 1, 1)
     with pytest.raises(UserInputError, match="expected one of"):
         SegmentationHead((8, 16, 32, 64), (8, 8, 8), upconv="", rngs=nnx.Rngs(0))
+
+
+def test_config_head_batching_reaches_every_stack_and_is_checked():
+    from nexvitad_jax.config import config_problems
+    from nexvitad_jax.configs import paper
+    from nexvitad_jax.errors import UserInputError
+
+    assert paper.get_config().model.head_batching == "unrolled"  # the default (docs/paper_map.md)
+    config = tiny.get_config()
+    config.model.head_batching = "vmapped"
+    model = nnx.eval_shape(lambda: build_model(config, 2, 1))
+    assert {heads.batching for heads in (model.source_heads, model.target_heads, model.pseudo_label_heads)} == {
+        "vmapped"}
+    config.model.head_batching = "scan"
+    assert any(problem.startswith("model.head_batching = 'scan': expected")
+               for problem in config_problems(config))
+    with pytest.raises(UserInputError, match=r"model.head_batching 'scan': expected one of \['unrolled', 'vmapped'\]"):
+        build_model(config, 1, 1)

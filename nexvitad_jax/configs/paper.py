@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (a 4096 -> 4096 one first at Hiera-Huge: 7x the head's weights, 2x its FLOPs; benchmarks/upconv.py).
     config.model.upconv = "width"
     config.model.pseudo_label_hidden = (64, 32)
+    # How the stacked heads run (same function either way): "unrolled", each head its own convolutions,
+    # or "vmapped", one computation whose convolutions are grouped (slow on XLA:CPU; decoder.HEAD_BATCHING).
+    config.model.head_batching = "unrolled"
 
     config.train = ml_collections.ConfigDict()
     config.train.source_per_class = 4  # images of each source class per step

@@ -32,7 +32,9 @@ def build_model(config, num_source: int, num_target: int) -> NexViTAD:
         return NexViTAD(backbones["hiera"], backbones["dinov2"], num_source, num_target,
                         shared_source_head=bool(spec.shared_source_head),
                         decoder_channels=tuple(spec.decoder_channels), upconv=str(spec.upconv),
-                        pseudo_label_hidden=tuple(spec.pseudo_label_hidden), dtype=dtype, rngs=rngs)
+                        pseudo_label_hidden=tuple(spec.pseudo_label_hidden),
+                        # absent from the configs of runs saved before the field (same function)
+                        head_batching=str(spec.get("head_batching", "unrolled")), dtype=dtype, rngs=rngs)
 
     stand_ins = nnx.Any(*(nnx.PathContains(family) for family in loaded)) if loaded else nnx.Nothing
     model = initialize(create, placeholders=stand_ins)

@@ -1,5 +1,5 @@
-"""NexViTAD multi-task decoder heads (paper section 3.1.2), stacked so heads of one shape run as
-one vmapped computation.
+"""NexViTAD multi-task decoder heads (paper section 3.1.2), stacked: heads of one shape share
+variables with a leading head axis.
 
 - `SegmentationHead`: U-Net over F_4..F_1 (eq. 4): 2x2 stride-2 transposed conv (to the block's
   width, or keeping the coarse width: `UPCONV`), concat skip, ConvBlock (3x3 conv, BatchNorm,
@@ -7,14 +7,14 @@ one vmapped computation.
   to 2 logits.
 - `PseudoLabelHead`: 1x1 convs 2 d_3 -> 64 -> 32 -> 2 on F_3 (ReLU between), logits upsampled
   bilinearly to H x W.
-- `StackedHeads`: n heads of one kind with a leading head axis on every variable.
+- `StackedHeads`: n heads of one kind with a leading head axis on every variable, run one after
+  another (the default) or as one vmapped computation (`HEAD_BATCHING`).
 
 The 2x2 stride-2 transposed convolution is one matmul and a depth-to-space reshape (`UpConv2x2`),
 exactly what the convolution computes, fast forward and backward on CPU and GPU alike: XLA lowers
 `lax.conv_transpose` to a convolution with lhs dilation, whose gradients XLA:CPU runs on a slow
-generic path, not its matmul/convolution kernels. The vmapped heads' 3x3 convolutions become
-grouped convolutions, which XLA:CPU also runs several times slower than the same convolutions one
-head at a time; that is what remains of the heads' backward pass there.
+generic path, not its matmul/convolution kernels. Vmapped heads' 3x3 convolutions become grouped
+convolutions, which XLA:CPU also runs on a slow path; unrolled heads keep plain convolutions.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.models.encoder import resize_bilinear
@@ -128,12 +129,26 @@ class PseudoLabelHead(nnx.Module):
         return resize_bilinear(x.astype(jnp.float32), image_hw)
 
 
-class StackedHeads(nnx.Module):
-    """`count` heads made by `make(rngs)`, every variable with a leading head axis; calls vmap the
-    head over it (inputs either per head, axis 0, or shared by all heads)."""
+# How `StackedHeads` runs its heads: "unrolled", one head after another, each with its own
+# convolutions (the default); "vmapped", one vmapped computation, in which every convolution becomes
+# a grouped convolution (feature_group_count = heads) and its weight gradient one with
+# batch_group_count. XLA:CPU runs those on a slow generic path: the representative train step
+# (Hiera-tiny + DINOv2-S, 224 px, 8 images, 2/1 split) took 8.1 s vmapped vs 3.1 s unrolled, and
+# compiles no slower unrolled (benchmarks/results/train_step_representative.json).
+HEAD_BATCHING = ("unrolled", "vmapped")
 
-    def __init__(self, count: int, make: Callable[[nnx.Rngs], nnx.Module], *, rngs: nnx.Rngs):
+
+class StackedHeads(nnx.Module):
+    """`count` heads made by `make(rngs)`, every variable with a leading head axis; a call runs each
+    head on its inputs (either per head, axis 0, or shared by all heads), unrolled or vmapped
+    (`HEAD_BATCHING`); both compute the same function, and the variables are the same either way."""
+
+    def __init__(self, count: int, make: Callable[[nnx.Rngs], nnx.Module], *, batching: str = "unrolled",
+                 rngs: nnx.Rngs):
+        if batching not in HEAD_BATCHING:
+            raise UserInputError(f"model.head_batching {batching!r}: expected one of {sorted(HEAD_BATCHING)}")
         self.count = count
+        self.batching = batching
 
         @nnx.split_rngs(splits=count)
         @nnx.vmap(in_axes=0, out_axes=0)
@@ -145,7 +160,7 @@ class StackedHeads(nnx.Module):
     def __call__(self, inputs, *args, per_head_inputs: bool = True, mask: jax.Array | None = None, **kwargs):
         """Inputs: a pytree whose leaves have a leading head axis (per_head_inputs) or are shared.
         `mask` (given to heads that take one): per example, laid out like the inputs' leading axes."""
-        # A raw jax.vmap over the split state (not nnx.vmap), so the heads also run inside raw
+        # Raw JAX over the split state (not nnx transforms), so the heads also run inside raw
         # transforms (jax.value_and_grad over a merged state) whatever the variables' trace levels.
         graphdef, state = nnx.split(self.heads)
 
@@ -154,7 +169,21 @@ class StackedHeads(nnx.Module):
             output = head(head_inputs, *args, **kwargs, **({} if head_mask is None else {"mask": head_mask}))
             return output, nnx.state(head)
 
-        input_axis = 0 if per_head_inputs else None
-        outputs, new_state = jax.vmap(apply, in_axes=(0, input_axis, input_axis))(state, inputs, mask)
+        if self.batching == "vmapped":
+            input_axis = 0 if per_head_inputs else None
+            outputs, new_state = jax.vmap(apply, in_axes=(0, input_axis, input_axis))(state, inputs, mask)
+        else:
+            # lax.unstack / stack: the gradient of the stacked variables is one stack of the heads'
+            # gradients (not a sum of padded slices).
+            def heads_of(tree, per_head: bool = True):
+                if not per_head:
+                    return [tree] * self.count
+                leaves, treedef = jax.tree.flatten(tree)
+                split = [lax.unstack(leaf) for leaf in leaves]
+                return [jax.tree.unflatten(treedef, [parts[i] for parts in split]) for i in range(self.count)]
+
+            results = [apply(*head) for head in zip(heads_of(state), heads_of(inputs, per_head_inputs),
+                                                    heads_of(mask, per_head_inputs))]
+            outputs, new_state = jax.tree.map(lambda *parts: jnp.stack(parts), *results)
         nnx.update(self.heads, new_state)
         return outputs

@@ -30,8 +30,8 @@ class NexViTAD(nnx.Module):
 
     def __init__(self, hiera: nnx.Module, dinov2: nnx.Module, num_source: int, num_target: int, *,
                  shared_source_head: bool = False, decoder_channels: tuple[int, ...] = (256, 128, 64),
-                 upconv: str = "width", pseudo_label_hidden: tuple[int, ...] = (64, 32), dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 upconv: str = "width", pseudo_label_hidden: tuple[int, ...] = (64, 32),
+                 head_batching: str = "unrolled", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.num_source = num_source
         self.num_target = num_target
         self.shared_source_head = shared_source_head
@@ -42,10 +42,10 @@ class NexViTAD(nnx.Module):
                                               dtype=dtype, param_dtype=param_dtype)
         make_pseudo_label = functools.partial(PseudoLabelHead, feature_dims[2], tuple(pseudo_label_hidden),
                                               dtype=dtype, param_dtype=param_dtype)
-        self.source_heads = StackedHeads(1 if shared_source_head else num_source,
-                                         lambda r: make_segmentation(rngs=r), rngs=rngs)
-        self.target_heads = StackedHeads(num_target, lambda r: make_segmentation(rngs=r), rngs=rngs)
-        self.pseudo_label_heads = StackedHeads(num_target, lambda r: make_pseudo_label(rngs=r), rngs=rngs)
+        stack = functools.partial(StackedHeads, batching=head_batching, rngs=rngs)
+        self.source_heads = stack(1 if shared_source_head else num_source, lambda r: make_segmentation(rngs=r))
+        self.target_heads = stack(num_target, lambda r: make_segmentation(rngs=r))
+        self.pseudo_label_heads = stack(num_target, lambda r: make_pseudo_label(rngs=r))
 
     # -- encoder ---------------------------------------------------------------------------------
     def encode(self, images: jax.Array, kind: str = "interleaved") -> tuple[jax.Array, ...]:

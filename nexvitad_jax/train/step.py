@@ -7,9 +7,9 @@ backbones, passed in but never differentiated).
 The batch (`StepLayout`, made by nexvitad_jax.train.batches) is flat: one example axis, sharded
 over the mesh, holding the source images class by class, then (phase 2) the clean target images
 and a slot per augmented view, then padding up to a multiple of the device count. The backbones
-and adapters run on that axis. The heads are stacked per class and vmapped over the class axis,
-so their inputs are gathered from it per class, (classes, rows of the class padded to a multiple
-of the devices), sharded along the second axis. Padding is masked: it carries IGNORE labels (no
+and adapters run on that axis. The heads are stacked per class (run one after another, or
+vmapped: `model.head_batching`), so their inputs are gathered from it per class, (classes, rows
+of the class padded to a multiple of the devices), sharded along the second axis. Padding is masked: it carries IGNORE labels (no
 loss term) and the heads' BatchNorm statistics span the real examples only (`mask=`), so a step
 computes what it computes on one device, whatever the device count (up to float rounding). The
 padding is what spreading costs: up to devices - 1 examples in the backbones, and per class up
