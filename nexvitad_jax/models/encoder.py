@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nexvitad_jax.errors import UserInputError
+from nexvitad_jax.models.layers import gelu_exact
 
 FEATURE_KINDS = ("interleaved", "hiera-adapted", "dino-projected")
 
@@ -21,7 +22,7 @@ class Adapter(nnx.Module):
         self.up = nnx.Linear(bottleneck, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.up(jax.nn.gelu(self.down(x), approximate=False)) + x
+        return self.up(gelu_exact(self.down(x))) + x
 
 
 def resize_bilinear(x: jax.Array, hw: tuple[int, int]) -> jax.Array:
