@@ -12,7 +12,6 @@ workdir holds, so it also reports a run that is still going or was stopped (what
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import json
@@ -20,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from nexvitad_jax.argparsing import command_parser
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.io import atomic_write
 from nexvitad_jax.report import (COLUMNS, METHOD_NAMES, ORACLE_THRESHOLD, percent, read_training_log,
@@ -210,9 +210,7 @@ def write_report(workdir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="nexvitad report", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = command_parser("nexvitad report", __doc__)
     parser.add_argument("workdir", help="the workdir of a `nexvitad run`")
     parser.add_argument("--out", default=None, help=f"where to write the report (default WORKDIR/{REPORT_NAME})")
     parser.add_argument("--tensorboard", action="store_true",

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from nexvitad_jax.argparsing import command_parser
 from nexvitad_jax.config import (check_config, config_dict, load_config, problems_error, uses_random_backbones,
                                  with_changes)
 from nexvitad_jax.errors import UserInputError
@@ -388,9 +389,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nexvitad run", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = command_parser("nexvitad run", __doc__)
     add_config_arguments(parser)
     parser.add_argument("--split", default=None,
                         help="SOURCE/TARGET class counts, e.g. 11/1 (default: all classes but one as source)")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nexvitad_jax.argparsing import command_parser
 from nexvitad_jax.errors import UserInputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
@@ -68,9 +69,7 @@ def check_readable(paths: list[Path]) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     from nexvitad_jax.inference.fitted import add_fit_arguments
 
-    parser = argparse.ArgumentParser(prog="nexvitad score", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+    parser = command_parser("nexvitad score", __doc__, epilog_paragraphs=slice(1, 3))
     parser.add_argument("--detector", help="a detector folder (`nexvitad fit --out`)")
     parser.add_argument("--normal", help="fit on the fly on this folder of normal images instead")
     parser.add_argument("--images", required=True, help="folder of images to score (recursive)")

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nexvitad_jax.argparsing import command_parser
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference.anomaly_maps import anomaly_maps
 
@@ -124,9 +125,7 @@ def export_onnx(detector, out: Path, batch_size: int = 1) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nexvitad export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = command_parser("nexvitad export", __doc__)
     parser.add_argument("detector", help="a detector folder (`nexvitad fit --out`)")
     parser.add_argument("--format", choices=FORMATS, default="stablehlo", help="default stablehlo")
     parser.add_argument("--out", required=True, help="the file to write")

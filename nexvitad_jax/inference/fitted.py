@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 import nexvitad_jax
+from nexvitad_jax.argparsing import command_parser
 from nexvitad_jax.errors import UserInputError
 from nexvitad_jax.inference.calibration import (DEFAULT_QUANTILE, Calibration, f1_calibration, false_positive_rate,
                                                  quantile_calibration)
@@ -227,9 +228,7 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nexvitad fit", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+    parser = command_parser("nexvitad fit", __doc__, epilog_paragraphs=slice(1, 3))
     parser.add_argument("--normal", help="folder of normal (defect-free) images")
     parser.add_argument("--run", help="a main-job workdir (`nexvitad run --workdir`): its trained encoder")
     parser.add_argument("--class", dest="category", help="with --run: the target class whose bank to take")
