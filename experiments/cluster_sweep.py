@@ -133,15 +133,8 @@ def aggregate(records: list[dict]) -> tuple[dict, str]:
 
 
 def plot(summary: dict, out: Path) -> list[Path]:
-    groups = summary["groups"]
-    panels = []
-    for metric, title in protocol.PLOT_METRICS:
-        series = {}
-        for split in dict.fromkeys(group["split"] for group in groups):
-            mine = [g for g in groups if g["split"] == split and g["metrics"][metric]["mean"] is not None]
-            series[split] = ([g["k"] for g in mine], [100 * g["metrics"][metric]["mean"] for g in mine],
-                             [100 * (g["metrics"][metric]["std"] or 0.0) for g in mine])
-        panels.append((title, f"{title} (%)", series))
+    panels = [(title, f"{title} (%)", protocol.metric_series(summary["groups"], "split", "k", metric))
+              for metric, title in protocol.PLOT_METRICS]
     return [protocol.line_panels(panels, out / "cluster_sweep.png", "number of clusters K",
                                  "Fig. 8: memory-bank metrics vs K (mean ± std over seeds)")]
 

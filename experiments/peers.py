@@ -172,15 +172,9 @@ def random_backbone_note(records: Sequence[dict]) -> str:
 def plot(summary: dict, out: Path) -> list[Path]:
     from nexvitad_jax.peers.methods import METHODS
 
-    panels = []
-    for metric, title in TABLE[:4]:
-        series = {}
-        for method in dict.fromkeys(group["method"] for group in summary["groups"]):
-            mine = [g for g in summary["groups"] if g["method"] == method and g["metrics"][metric]["mean"] is not None]
-            label = METHODS[method].title if method in METHODS else method
-            series[label] = ([g["shots"] for g in mine], [100 * g["metrics"][metric]["mean"] for g in mine],
-                             [100 * (g["metrics"][metric]["std"] or 0.0) for g in mine])
-        panels.append((title, f"{title} (%)", series))
+    label = lambda method: METHODS[method].title if method in METHODS else method
+    panels = [(title, f"{title} (%)", protocol.metric_series(summary["groups"], "method", "shots", metric, label))
+              for metric, title in TABLE[:4]]
     return [protocol.line_panels(panels, out / "peers.png", "normal prompt images (0: batch zero-shot)",
                                  "Peer methods: mean ± std over seeds")]
 

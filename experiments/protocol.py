@@ -13,7 +13,7 @@ import argparse
 import functools
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -256,6 +256,18 @@ def grouped_bars(groups: Sequence[dict[str, Any]], series: Sequence[str], path: 
         axis.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return _save(figure, path, f"{title} (bars: mean ± std over seeds; dots: best)")
+
+
+def metric_series(groups: Sequence[dict[str, Any]], by: str, x: str, metric: str,
+                  label: Callable[[Any], str] = str) -> dict[str, tuple]:
+    """{label(value of `by`): (xs, mean %, std %)} of the groups whose `metric` has a mean, one
+    series per value of `by` in order of first appearance, for `line_panels`."""
+    series = {}
+    for value in dict.fromkeys(group[by] for group in groups):
+        mine = [g for g in groups if g[by] == value and g["metrics"][metric]["mean"] is not None]
+        series[label(value)] = ([g[x] for g in mine], [100 * g["metrics"][metric]["mean"] for g in mine],
+                                [100 * (g["metrics"][metric]["std"] or 0.0) for g in mine])
+    return series
 
 
 def line_panels(panels: Sequence[tuple[str, str, Mapping[str, tuple]]], path: Path, xlabel: str, title: str) -> Path:
